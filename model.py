@@ -69,11 +69,9 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, d: dict) -> "ModelConfig":
         archs = d.get("architectures") or []
-        model_type = d.get("model_type")
-        if archs and archs[0] in SUPPORTED:
-            model_type = SUPPORTED[archs[0]]
-        elif model_type not in SUPPORTED.values():
-            name = archs[0] if archs else model_type
+        name = archs[0] if archs else d.get("model_type")
+        model_type = SUPPORTED.get(name, name if name in SUPPORTED.values() else None)
+        if model_type is None:
             raise ModelError(f"architecture '{name}' is not supported; supported: {', '.join(SUPPORTED)}")
         d = dict(d, model_type=model_type)
         # transformers >= 5 writes rope_theta and rope_scaling together as rope_parameters.

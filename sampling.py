@@ -113,34 +113,37 @@ class Sampler:
     @torch.inference_mode()
     def generate(self, prompts, n=1, max_new_tokens=128, temperature=1.0, top_p=1.0, top_k=0,
                  stop_strings=(), generator=None, stop_ids=None) -> list[Completion]:
-        """Sample n completions of each prompt (token-id lists or strings).
+        """Sample n completions of each prompt (token-id lists or strings); n may be a list, one per prompt.
 
         stop_ids None means the tokenizer's; () never stops on a token (benchmarks).
-        Returns len(prompts) * n completions, prompt-major. temperature 0 is greedy (deterministic); its
+        Returns sum(n) completions, prompt-major. temperature 0 is greedy (deterministic); its
         logprobs are the model's own log-softmax, as greedy has no distribution of its own.
         """
         prompts = [self.tok.encode(p) if isinstance(p, str) else list(p) for p in prompts]
         assert prompts and all(prompts), "every prompt needs at least one token"
-        assert n >= 1 and max_new_tokens >= 0, f"n={n}, max_new_tokens={max_new_tokens}"
+        counts = [n] * len(prompts) if isinstance(n, int) else list(n)
+        assert len(counts) == len(prompts) and min(counts) >= 1 and max_new_tokens >= 0, \
+            f"n={n} for {len(prompts)} prompts, max_new_tokens={max_new_tokens}"
         model = self.model
         device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
         was_training = model.training
         model.eval()
         try:
             stops = set(self.tok.stop_ids if stop_ids is None else stop_ids)
-            return self._generate(prompts, n, max_new_tokens, temperature, top_p, top_k, tuple(stop_strings),
+            return self._generate(prompts, counts, max_new_tokens, temperature, top_p, top_k, tuple(stop_strings),
                                   stops, generator, device, dtype)
         finally:
             model.train(was_training)
 
-    def _generate(self, prompts, n, max_new, temperature, top_p, top_k, stop_strings, stops, gen, device, dtype):
+    def _generate(self, prompts, counts, max_new, temperature, top_p, top_k, stop_strings, stops, gen, device, dtype):
         P, Tp = len(prompts), max(len(p) for p in prompts)
         pad = torch.tensor([Tp - len(p) for p in prompts], device=device)  # left padding per prompt
         ids = torch.full((P, Tp), self.tok.pad_id, dtype=torch.long)
         for i, p in enumerate(prompts):
             ids[i, Tp - len(p):] = torch.tensor(p)
         ids = ids.to(device)
-        cache = self._cache(P * n, Tp + max_new, dtype, device)
+        B = sum(counts)
+        cache = self._cache(max(B, P), Tp + max_new, dtype, device)
         cache.rows, cache.length = P, 0
         slots = torch.arange(Tp, device=device)
         real = slots[None] >= pad[:, None]  # (P, Tp)
@@ -153,11 +156,10 @@ class Sampler:
         h = self.model.hidden_states(ids, positions=positions, cache=cache, attn_mask=mask[:, None])
         cache.length = Tp
         logits = self.model.logits(h[:, -1])  # (P, V): only the last position is ever sampled from
-        fan = torch.arange(P, device=device).repeat_interleave(n)
+        fan = torch.arange(P, device=device).repeat_interleave(torch.tensor(counts, device=device))
         cache.select_rows(fan)  # one copy of each prompt's cache per sample
         logits = logits[fan]
         next_pos = (Tp - pad)[fan]  # (B,) position of the next token of each row
-        B = P * n
         rows = list(range(B))  # original row of each live batch slot
         out_ids = [[] for _ in range(B)]
         out_lp = [[] for _ in range(B)]
@@ -191,6 +193,7 @@ class Sampler:
             cache.length = s + 1
             next_pos = next_pos + 1
             logits = self.model.logits(h[:, -1])
+        owner = fan.tolist()
         return [Completion(ids=out_ids[r], text=self.tok.decode(out_ids[r]), logprobs=out_lp[r],
-                           stop_reason=reason[r], prompt_index=r // n, prompt_ids=prompts[r // n])
+                           stop_reason=reason[r], prompt_index=owner[r], prompt_ids=prompts[owner[r]])
                 for r in range(B)]

@@ -92,6 +92,11 @@ class Task:
         """Whether this candidate solves the problem; the search stops at the first one."""
         return score.reward >= self.reward_range[1]
 
+    def render(self, candidate: str) -> str:
+        """A completion that states just this candidate in the answer format (stored for warm-start
+        candidates, which no model wrote, so that replaying them as greedy members teaches the format)."""
+        return candidate
+
     def warm_start(self) -> list[str]:
         """Candidates scored before the first step (they count against the budget). Default: none."""
         return []

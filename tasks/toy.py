@@ -2,7 +2,7 @@
 runs in seconds on a tiny random model (tests, `python run.py --task toy --model tiny`).
 
 Worked example (task id "migrate", the default):
-    completion "Migrant, maybe?" -> parse -> candidates ["migrant"] (first word of 3-20 letters, lower-cased)
+    completion "Migrant, maybe?" -> parse -> candidates ["migrant"] (first run of 1-20 letters, lower-cased)
     -> reward 1 - levenshtein("migrant", "migrate") / 7 = 1 - 2/7 = 0.714
     completion "migrate" -> reward 1.0, solved.
 """
@@ -10,7 +10,7 @@ import re
 
 from tasks import Parsed, Preset, Score, Task, TaskError
 
-WORD = re.compile(r"[a-zA-Z]{3,20}")
+WORD = re.compile(r"[a-zA-Z]{1,20}")  # any run of letters: even a random tiny model finds candidates
 
 
 def levenshtein(a: str, b: str) -> int:
@@ -48,7 +48,7 @@ class Toy(Task):
 
     def parse(self, completion):
         m = WORD.search(completion)
-        return Parsed([m.group(0).lower()]) if m else Parsed(error="no word of 3-20 letters")
+        return Parsed([m.group(0).lower()]) if m else Parsed(error="no letters")
 
     def reward(self, candidates):
         t = self.task_id

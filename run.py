@@ -1,0 +1,266 @@
+"""The command line: search one black-box problem with MiGrATe or a baseline, in a resumable run folder.
+
+    python run.py --task arc --task-id 0a1d4ef5            # the main job, default model, CPU budget
+    python run.py --task toy --model tiny                   # the whole loop in seconds
+    python run.py --resume runs/arc-0a1d4ef5-migrate-s0     # continue a stopped run
+
+Run folder: config.json (resolved flags), metrics.jsonl (one line per step), candidates.sqlite (every
+scored candidate), checkpoint.pt (adapter, optimiser, RNG and search state of the last completed step,
+replaced atomically), adapter/ (the LoRA adapter in PEFT format), summary.json and reward_curve.png.
+Bad input gets one line on stderr and exit status 2.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+def parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("problem")
+    g.add_argument("--task", default="arc", help="task module in tasks/ (toy, arc, semantle, molecule)")
+    g.add_argument("--task-id", default=None, help="problem within the task (default: the task's own)")
+    g.add_argument("--seed", type=int, default=0, help="seed of sampling, anchors and LoRA initialisation")
+    g = p.add_argument_group("method")
+    g.add_argument("--method", default="migrate", help="migrate, migrate-opro, grpo, grpo-greedy, random, ns, opro")
+    g.add_argument("--budget", default=None,
+                   help="oracle calls (new unique candidates scored); 'paper' for the paper's budget "
+                        "(default: the task's CPU budget)")
+    g.add_argument("--alpha", type=int, default=None, help="on-policy completions per group (default: preset)")
+    g.add_argument("--beta", type=int, default=None, help="greedy completions per group (default: preset)")
+    g.add_argument("--gamma", type=int, default=None, help="neighbourhood completions per group (default: preset)")
+    g.add_argument("--group-size", type=int, default=None,
+                   help="group size N; for migrate alpha becomes N - beta - gamma (default: alpha+beta+gamma)")
+    g.add_argument("--max-new-tokens", type=int, default=None, help="tokens per completion (default: preset)")
+    g.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: preset)")
+    g.add_argument("--patience", type=int, default=20, help="stop after this many steps with no new candidate")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None,
+                   help="local Hugging Face folder, or 'tiny' (random 2-layer model); default: SmolLM2-135M-Instruct")
+    g.add_argument("--device", default="cpu", help="cpu or cuda")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and activations")
+    g = p.add_argument_group("learner (GRPO on LoRA adapters)")
+    g.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: preset)")
+    g.add_argument("--lora-r", type=int, default=None, help="LoRA rank (default: preset)")
+    g.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha; scale = alpha / r (default: preset)")
+    g.add_argument("--lora-targets", default="q_proj,v_proj", help="comma-separated module name suffixes")
+    g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input")
+    g.add_argument("--mu", type=int, default=None, help="inner epochs per group (default: preset)")
+    g.add_argument("--norm", default="sequence", choices=["sequence", "token"], help="loss normalisation")
+    g.add_argument("--scale-std", action="store_true", help="divide advantages by the group's reward std")
+    g.add_argument("--no-zero-mask", action="store_true", help="keep zero-reward members in the loss")
+    g.add_argument("--kl-coef", type=float, default=0.0, help="KL to the base policy (LoRA off); paper: 0")
+    g.add_argument("--offpolicy", default="task-prompt", choices=["task-prompt", "importance"],
+                   help="NS members: ratio 1 under the task prompt (paper) or truncated importance weights")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
+    g.add_argument("--activation-checkpointing", action="store_true", help="recompute layers in backward")
+    g = p.add_argument_group("run folder")
+    g.add_argument("--out", default=None, help="run folder (default: runs/<task>-<id>-<method>-s<seed>)")
+    g.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a stopped run from its folder")
+    return p
+
+
+class UsageError(Exception):
+    """Bad input: printed as one line, exit status 2."""
+
+
+def resolve(args) -> dict:
+    """Flags + the task's preset -> the full configuration recorded in config.json."""
+    from search import METHODS
+    from tasks import load_task
+    task = load_task(args.task, args.task_id, seed=args.seed)
+    pre = task.preset
+    if args.method not in METHODS:
+        raise UsageError(f"unknown method '{args.method}'; choose from {', '.join(METHODS)}")
+    alpha = pre.alpha if args.alpha is None else args.alpha
+    beta = pre.beta if args.beta is None else args.beta
+    gamma = pre.gamma if args.gamma is None else args.gamma
+    if args.group_size is not None:
+        alpha = args.group_size - beta - gamma
+    if min(alpha, beta, gamma) < 0 or alpha + beta + gamma < 1:
+        raise UsageError(f"alpha/beta/gamma = {alpha}/{beta}/{gamma}: need non-negative counts and a group of >= 1")
+    budget = pre.cpu_budget if args.budget is None else (pre.budget if args.budget == "paper" else args.budget)
+    try:
+        budget = int(budget)
+    except ValueError:
+        raise UsageError(f"--budget must be a positive integer or 'paper', got '{args.budget}'") from None
+    if budget < 1:
+        raise UsageError(f"--budget must be at least 1, got {budget}")
+    for name in ("max_new_tokens", "mu", "lora_r"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
+    cfg = dict(task=args.task, task_id=task.task_id, seed=args.seed, method=args.method, budget=budget,
+               alpha=alpha, beta=beta, gamma=gamma,
+               max_new_tokens=args.max_new_tokens or pre.max_new_tokens,
+               temperature=pre.temperature if args.temperature is None else args.temperature,
+               top_k_anchor=pre.top_k_anchor, patience=args.patience,
+               model=args.model, device=args.device, dtype=args.dtype,
+               lr=args.lr or pre.lr, lora_r=args.lora_r or pre.lora_r, lora_alpha=args.lora_alpha or pre.lora_alpha,
+               lora_targets=args.lora_targets.split(","), lora_dropout=args.lora_dropout, mu=args.mu or pre.mu,
+               norm=args.norm, scale_std=args.scale_std, mask_zero_reward=not args.no_zero_mask,
+               kl_coef=args.kl_coef, offpolicy=args.offpolicy, max_grad_norm=args.max_grad_norm,
+               activation_checkpointing=args.activation_checkpointing)
+    cfg["out"] = args.out or os.path.join("runs", f"{args.task}-{task.task_id}-{args.method}-s{args.seed}"
+                                          .replace(":", "_").replace("/", "_"))
+    task.close()
+    return cfg
+
+
+def write_json(path, obj):
+    """Write JSON atomically (temporary file, then rename): a kill leaves the old file or the new one."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def model_path(name):
+    from default_model import default_model_path, tiny_model_path
+    return {None: None, "default": None}.get(name, tiny_model_path() if name == "tiny" else name) \
+        if name != "default" else default_model_path()
+
+
+def run(cfg, resume=False) -> int:
+    """Run (or continue) the search a configuration describes, in its run folder. Returns 0."""
+    import torch
+    from database import Database
+    from grpo import GRPOConfig, Learner
+    from lora import inject_lora, lora_modules, save_adapter
+    from model import load_model
+    from sampling import Sampler
+    from search import METHODS, Search, SearchConfig
+    from tasks import load_task
+
+    out = cfg["out"]
+    ckpt_path = os.path.join(out, "checkpoint.pt")
+    if not resume and os.path.exists(os.path.join(out, "config.json")):
+        raise UsageError(f"{out} already holds a run; continue it with --resume {out} or choose another --out")
+    if cfg["device"].startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda but no CUDA GPU is visible to PyTorch; use --device cpu")
+    os.makedirs(out, exist_ok=True)
+    if not resume:
+        write_json(os.path.join(out, "config.json"), cfg)
+    task = load_task(cfg["task"], cfg["task_id"], seed=cfg["seed"])
+    torch.manual_seed(cfg["seed"])  # LoRA's A matrices
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg["dtype"]]
+    model, tok = load_model(model_path(cfg["model"]), device=cfg["device"], dtype=dtype)
+    learner = None
+    if METHODS[cfg["method"]][2]:
+        inject_lora(model, cfg["lora_r"], cfg["lora_alpha"], tuple(cfg["lora_targets"]), cfg["lora_dropout"])
+        learner = Learner(model, GRPOConfig(
+            lr=cfg["lr"], mu=cfg["mu"], norm=cfg["norm"], scale_std=cfg["scale_std"],
+            mask_zero_reward=cfg["mask_zero_reward"], kl_coef=cfg["kl_coef"], offpolicy=cfg["offpolicy"],
+            max_grad_norm=cfg["max_grad_norm"], activation_checkpointing=cfg["activation_checkpointing"]))
+    db = Database(os.path.join(out, "candidates.sqlite"))
+    search = Search(SearchConfig(**{k: cfg[k] for k in (
+        "method", "alpha", "beta", "gamma", "budget", "max_new_tokens", "temperature", "top_k_anchor", "patience")}),
+        task, tok, Sampler(model, tok), db, learner, seed=cfg["seed"])
+    elapsed = 0.0
+    metrics_path = os.path.join(out, "metrics.jsonl")
+    if resume and os.path.exists(ckpt_path):
+        ck = torch.load(ckpt_path, weights_only=False)
+        search.load_state(ck["search"])
+        elapsed = ck["elapsed"]
+        torch.set_rng_state(ck["torch_rng"])
+        if learner:
+            model.load_state_dict(ck["lora"], strict=False)
+            learner.opt.load_state_dict(ck["optimizer"])
+        keep_metrics(metrics_path, search.step_idx)
+    else:
+        keep_metrics(metrics_path, 0)
+        search.warm_start()
+    print(f"{cfg['task']} {task.task_id} | {cfg['method']} | prompt {len(search.task_prompt)} tokens | "
+          f"budget {cfg['budget']} oracle calls | run folder {out}", file=sys.stderr)
+    t_start = time.time() - elapsed
+    while (reason := search.done()) is None:
+        m = search.step()
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(m) + "\n")
+        state = {"search": search.state(), "elapsed": time.time() - t_start, "torch_rng": torch.get_rng_state()}
+        if learner:
+            state["lora"] = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+            state["optimizer"] = learner.opt.state_dict()
+            save_adapter(model, os.path.join(out, "adapter"), base_model=cfg["model"])
+        torch.save(state, ckpt_path + ".tmp")
+        os.replace(ckpt_path + ".tmp", ckpt_path)  # the step is complete once this rename lands
+        progress(m, cfg["budget"])
+    summary = summarise(cfg, task, db, search, reason, time.time() - t_start)
+    write_json(os.path.join(out, "summary.json"), summary)
+    plot(db.curve(), os.path.join(out, "reward_curve.png"), f"{cfg['task']} {task.task_id} ({cfg['method']})")
+    print(f"\n{reason}: best reward {summary['best_reward']} after {summary['oracle_calls']} oracle calls, "
+          f"{summary['steps']} steps, {summary['wall_seconds']:.0f} s; solved: {summary['solved']}\n"
+          f"final: {json.dumps(summary['final'])}\nrun folder: {out}", file=sys.stderr)
+    task.close()
+    db.close()
+    return 0
+
+
+def keep_metrics(path, last_step):
+    """Drop metrics of steps after the last checkpoint (a kill between the two writes); they are redone."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [l for l in f if l.strip() and json.loads(l)["step"] <= last_step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(lines)
+    os.replace(path + ".tmp", path)
+
+
+def progress(m, budget):
+    best = "-" if m["best_reward"] is None else f"{m['best_reward']:.3f}"
+    line = (f"step {m['step']:4d} | calls {m['oracle_calls']:5d}/{budget} | best {best} | "
+            f"group mean {m['group_reward_mean'] or 0:.3f} | {m['seconds']:.1f} s")
+    end = "\r" if sys.stderr.isatty() else "\n"
+    print(line, end=end, file=sys.stderr, flush=True)
+
+
+def summarise(cfg, task, db, search, reason, wall):
+    from tasks import Score
+    best = db.best()
+    scored = db.scored()
+    return {"task": cfg["task"], "task_id": task.task_id, "method": cfg["method"], "seed": cfg["seed"],
+            "model": cfg["model"] or "SmolLM2-135M-Instruct", "stop_reason": reason,
+            "best_reward": best.reward if best else None, "best_candidate": best.key if best else None,
+            "solved": search.solved, "oracle_calls": db.oracle_calls(), "budget": cfg["budget"],
+            "steps": search.step_idx, "wall_seconds": round(wall, 1), "prompt_tokens": len(search.task_prompt),
+            "final": task.evaluate([(r.key, Score(r.reward, r.info)) for r in scored])}
+
+
+def plot(curve, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if curve:
+        ax.step([c for c, _ in curve], [r for _, r in curve], where="post")
+    ax.set_xlabel("oracle calls")
+    ax.set_ylabel("best reward so far")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    from model import ModelError
+    from tasks import TaskError
+    try:
+        if args.resume:
+            path = os.path.join(args.resume, "config.json")
+            if not os.path.exists(path):
+                raise UsageError(f"'{args.resume}' is not a run folder (no config.json); give the folder a run wrote")
+            with open(path) as f:
+                cfg = json.load(f)
+            cfg["out"] = args.resume
+        else:
+            cfg = resolve(args)
+        return run(cfg, resume=bool(args.resume))
+    except (UsageError, TaskError, ModelError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

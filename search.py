@@ -1,0 +1,202 @@
+"""The search loop: MiGrATe and every baseline, under one oracle budget (shared/PAPER.md).
+
+One step builds a group from three sources, scores what is new, and (for training methods) takes a GRPO
+step on it:
+  1. alpha on-policy completions of the task prompt, sampled from the current policy;
+  2. gamma neighbourhood completions: each of a prompt showing a random one of the top-k past candidates
+     (or, in migrate-opro and opro, the OPRO prompt listing the best past candidates);
+  3. beta greedy members: the best past completions, replayed from the database (no oracle call);
+  4. parse every sampled completion into candidates; a candidate not yet in the database costs one oracle
+     call (until the budget is spent), a known one reuses its reward; a completion's reward is the best
+     of its candidates, 0 if it has none;
+  5. train (or not), record metrics, checkpoint; stop when solved, when the budget is spent, or when no step
+     has found anything new for `patience` steps.
+All methods share this loop; they differ only in the group's composition and whether they train.
+"""
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+
+from database import Row
+from grpo import Member
+
+# method -> (alpha, beta, gamma) as a function of the group size N and the preset mix, NS prompt kind, trains?
+METHODS = {
+    "migrate": (lambda N, a, b, g: (a, b, g), "neighbour", True),
+    "migrate-opro": (lambda N, a, b, g: (a, b, g), "opro", True),
+    "grpo": (lambda N, a, b, g: (N, 0, 0), "neighbour", True),
+    "grpo-greedy": (lambda N, a, b, g: (N - 1, 1, 0), "neighbour", True),
+    "random": (lambda N, a, b, g: (N, 0, 0), "neighbour", False),
+    "ns": (lambda N, a, b, g: (0, 0, N), "neighbour", False),
+    "opro": (lambda N, a, b, g: (0, 0, N), "opro", False),
+}
+
+
+@dataclass
+class SearchConfig:
+    method: str = "migrate"
+    alpha: int = 2
+    beta: int = 1
+    gamma: int = 1
+    budget: int = 100
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k_anchor: int = 3  # NS anchors: a random one of the k best
+    opro_k: int = 10  # OPRO prompts list the k best
+    patience: int = 20  # stop after this many steps without a new oracle call
+
+    def __post_init__(self):
+        assert self.method in METHODS, f"unknown method '{self.method}'"
+        assert min(self.alpha, self.beta, self.gamma) >= 0 and self.alpha + self.beta + self.gamma > 0, \
+            "alpha, beta, gamma are non-negative and not all zero"
+
+    def composition(self):
+        """(alpha, beta, gamma) of this method's groups, and the kind of NS prompt, and whether it trains."""
+        fn, ns_kind, trains = METHODS[self.method]
+        N = self.alpha + self.beta + self.gamma
+        return (*fn(N, self.alpha, self.beta, self.gamma), ns_kind, trains)
+
+
+class Search:
+    def __init__(self, cfg: SearchConfig, task, tokenizer, sampler, db, learner=None, seed=0):
+        self.cfg, self.task, self.tok, self.sampler, self.db, self.learner = cfg, task, tokenizer, sampler, db, learner
+        a, b, g, self.ns_kind, self.trains = cfg.composition()
+        self.alpha, self.beta, self.gamma = a, b, g
+        assert not self.trains or learner is not None, f"method {cfg.method} trains: it needs a learner"
+        self.rng = random.Random(seed)  # NS anchors
+        self.gen = torch.Generator().manual_seed(seed)  # sampling (CPU generator: same draws on any device)
+        self.task_prompt = self.encode(task.prompt())
+        self.step_idx = 0
+        self.idle_steps = 0
+        self.zero_spread_steps = 0
+        self.solved = False
+
+    def encode(self, messages):
+        return self.tok.encode(self.tok.apply_chat_template(messages))
+
+    @property
+    def calls_left(self):
+        return self.cfg.budget - self.db.oracle_calls()
+
+    def done(self) -> str | None:
+        if self.solved:
+            return "solved"
+        if self.calls_left <= 0:
+            return "budget"
+        if self.idle_steps >= self.cfg.patience:
+            return "stalled"
+        return None
+
+    # ------------------------------------------------------------ scoring
+
+    def score(self, completions, sources, step) -> list[float | None]:
+        """Parse and score completions (texts, token ids) in order; store what is new. Returns each
+        completion's reward: max over its candidates, 0 without any, None if the budget ran out first."""
+        parsed = [self.task.parse(text) for text, _ in completions]
+        known = self.db.lookup(c for p in parsed for c in p.candidates)
+        new, seen = [], set()
+        for p in parsed:
+            for c in p.candidates:
+                if c not in known and c not in seen and len(new) < self.calls_left:
+                    seen.add(c)
+                    new.append(c)
+        scores = dict(zip(new, self.task.reward(new))) if new else {}
+        rows, first_owner = [], {}
+        for i, (p, (text, ids)) in enumerate(zip(parsed, completions)):
+            if not p.candidates:
+                rows.append(Row(None, text, 0.0, sources[i], step, ids, {"error": p.error}, oracle=False))
+            for c in p.candidates:
+                if c in scores and c not in first_owner:
+                    first_owner[c] = i
+                    rows.append(Row(c, text, scores[c].reward, sources[i], step, ids, scores[c].info))
+        if rows:
+            self.db.add(rows)
+        self.solved = self.solved or any(self.task.solved(s) for s in scores.values())
+        rewards = []
+        for p in parsed:
+            got = [scores[c].reward if c in scores else known[c].reward for c in p.candidates
+                   if c in scores or c in known]
+            rewards.append(max(got) if got else (0.0 if not p.candidates else None))
+        return rewards, len(new)
+
+    def warm_start(self):
+        """Score the task's warm-start candidates once, before the first step."""
+        if self.db.count() or not self.task.warm_start():
+            return
+        texts = [self.task.render(c) for c in self.task.warm_start()]
+        self.score([(t, self.tok.encode(t)) for t in texts], ["warm-start"] * len(texts), step=0)
+
+    # ------------------------------------------------------------ one step
+
+    def step(self) -> dict:
+        cfg, t0 = self.cfg, time.perf_counter()
+        self.step_idx += 1
+        greedy = self.db.top(self.beta, distinct_completions=True) if self.beta else []
+        n_on = self.alpha + (self.beta - len(greedy))  # no past completions yet: sample instead
+        prompts, counts, sources, db_sources = [], [], [], []
+        ns_prompts = self.ns_prompts(self.gamma)
+        n_on += self.gamma - len(ns_prompts)
+        if n_on:
+            prompts.append(self.task_prompt), counts.append(n_on)
+            sources += ["on-policy"] * n_on
+            db_sources += ["on-policy"] * n_on
+        for p in ns_prompts:
+            prompts.append(p), counts.append(1)
+            sources.append("neighbour")
+            db_sources.append(self.ns_kind)
+        outs = self.sampler.generate(prompts, n=counts, max_new_tokens=cfg.max_new_tokens,
+                                     temperature=cfg.temperature, stop_strings=self.task.stop_strings,
+                                     generator=self.gen) if prompts else []
+        t_sample = time.perf_counter()
+        rewards, new_calls = self.score([(o.text, o.ids) for o in outs], db_sources, self.step_idx)
+        t_reward = time.perf_counter()
+        members = [Member(src, o.ids, r, o.text, o.logprobs) for src, o, r in zip(sources, outs, rewards)
+                   if r is not None]  # None: budget ran out before this completion was scored
+        members += [Member("greedy", g.completion_ids, g.reward, g.completion) for g in greedy]
+        stats = {}
+        if self.trains and len(members) > 1:
+            stats = self.learner.step(self.task_prompt, members)
+        self.idle_steps = 0 if new_calls else self.idle_steps + 1
+        best = self.db.best()
+        group = [m.reward for m in members]
+        zero_spread = len(set(group)) <= 1
+        self.zero_spread_steps += zero_spread
+        return {"step": self.step_idx, "oracle_calls": self.db.oracle_calls(), "new_calls": new_calls,
+                "best_reward": best.reward if best else None,
+                "group_reward_mean": sum(group) / len(group) if group else None,
+                "group_reward_max": max(group) if group else None,
+                "members": {s: sum(m.source == s for m in members) for s in ("on-policy", "greedy", "neighbour")},
+                "completion_tokens": sum(len(o.ids) for o in outs),
+                "loss": stats.get("loss"), "grad_norm": stats.get("grad_norm"),
+                "zero_spread": zero_spread, "zero_spread_share": round(self.zero_spread_steps / self.step_idx, 4),
+                "train_skipped": stats.get("skipped"),
+                "seconds": round(time.perf_counter() - t0, 3), "sample_seconds": round(t_sample - t0, 3),
+                "reward_seconds": round(t_reward - t_sample, 3),
+                "train_seconds": round(time.perf_counter() - t_reward, 3)}
+
+    def ns_prompts(self, n) -> list[list[int]]:
+        """Token ids of n neighbourhood (or OPRO) prompts; fewer while the database is empty."""
+        if self.ns_kind == "opro":
+            history = self.db.history(self.cfg.opro_k)
+            return [self.encode(self.task.opro_prompt(history))] * n if history else []
+        out = []
+        for _ in range(n):
+            anchor = self.db.sample_top(self.cfg.top_k_anchor, self.rng)
+            if anchor is None:
+                break
+            out.append(self.encode(self.task.neighbour_prompt(anchor.key, anchor.reward)))
+        return out
+
+    # ------------------------------------------------------------ resume
+
+    def state(self) -> dict:
+        return {"step": self.step_idx, "idle_steps": self.idle_steps, "solved": self.solved,
+                "zero_spread_steps": self.zero_spread_steps, "rng": self.rng.getstate(), "gen": self.gen.get_state()}
+
+    def load_state(self, s: dict):
+        self.step_idx, self.idle_steps, self.solved = s["step"], s["idle_steps"], s["solved"]
+        self.zero_spread_steps = s["zero_spread_steps"]
+        self.rng.setstate(s["rng"])
+        self.gen.set_state(s["gen"])

@@ -59,6 +59,82 @@ def bench_sample(args):
             "machine": machine(), "results": rows}
 
 
+GRPO_PROMPT = ("Invent a name for a new colour and describe it in one vivid sentence, "
+               "as a poet would for a paint catalogue.")  # ~40 tokens once chat-templated (SmolLM2)
+
+
+def toy_reward(text):
+    """A cheap, varied reward so every group has spread: share of distinct letters."""
+    letters = [c for c in text.lower() if c.isalpha()]
+    return len(set(letters)) / 26
+
+
+def bench_grpo(args):
+    """One GRPO iteration (sample G completions, score, one clipped-loss update of LoRA r=16 on q/v) for us and
+    for TRL's GRPOTrainer with a PEFT LoRA of the same shape, on the same weights, float32 CPU."""
+    from grpo import GRPOConfig, Learner, Member
+    from lora import inject_lora
+
+    path = args.model or __import__("default_model").default_model_path()
+    G, new = args.group, args.new_tokens
+    model, tok = load_model(path)
+    inject_lora(model, r=16, alpha=32, targets=("q_proj", "v_proj"))
+    learner = Learner(model, GRPOConfig(lr=1e-5, mu=1))
+    sampler = Sampler(model, tok)
+    prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": GRPO_PROMPT}]))
+    ours = []
+    for it in range(args.iterations + 1):  # the first is warm-up
+        t = time.perf_counter()
+        outs = sampler.generate([prompt], n=G, max_new_tokens=new, stop_ids=(),
+                                generator=torch.Generator().manual_seed(it))
+        learner.step(prompt, [Member("on-policy", o.ids, toy_reward(o.text)) for o in outs])
+        if it:
+            ours.append(time.perf_counter() - t)
+    trl_times = bench_trl(path, G, new, args.iterations)
+    o, h = min(ours), min(trl_times)
+    return {"benchmark": "grpo_iteration", "model": path.rsplit("/", 1)[-1], "dtype": "float32",
+            "group": G, "prompt_tokens": len(prompt), "new_tokens": new, "lora": "r=16 alpha=32 q_proj,v_proj",
+            "iterations": args.iterations, "machine": machine(),
+            "ours_s_per_iteration": round(o, 2), "trl_s_per_iteration": round(h, 2), "speedup": round(h / o, 2),
+            "ours_all": [round(x, 2) for x in ours], "trl_all": [round(x, 2) for x in trl_times]}
+
+
+def bench_trl(path, G, new, iterations):
+    """Seconds per GRPOTrainer step (generation + loss + update), first step excluded."""
+    import tempfile
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig as TRLConfig, GRPOTrainer
+
+    class Timer(TrainerCallback):
+        times, t = [], None
+
+        def on_step_begin(self, *a, **k):
+            Timer.t = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            Timer.times.append(time.perf_counter() - Timer.t)
+
+    def reward(completions, **kw):
+        return [toy_reward(c[0]["content"] if isinstance(c, list) else c) for c in completions]
+
+    tok = AutoTokenizer.from_pretrained(path)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    data = Dataset.from_list([{"prompt": [{"role": "user", "content": GRPO_PROMPT}]}] * (G * (iterations + 1)))
+    with tempfile.TemporaryDirectory() as out:
+        cfg = TRLConfig(output_dir=out, per_device_train_batch_size=G, num_generations=G,
+                        max_completion_length=new, generation_kwargs={"min_new_tokens": new},
+                        num_iterations=1, beta=0.0, epsilon_high=0.28, scale_rewards="none", learning_rate=1e-5,
+                        max_steps=iterations + 1, use_cpu=True, bf16=False, report_to=[], logging_steps=1,
+                        save_strategy="no", temperature=1.0, top_k=0, top_p=1.0, seed=0)
+        trainer = GRPOTrainer(model=hf, reward_funcs=reward, args=cfg, train_dataset=data, processing_class=tok,
+                              peft_config=LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"],
+                                                     task_type="CAUSAL_LM"), callbacks=[Timer()])
+        trainer.train()
+    return Timer.times[1:]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=["sample", "grpo"], help="which benchmark")
@@ -66,8 +142,12 @@ def main():
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 16], help="batch sizes (sample)")
     ap.add_argument("--new-tokens", type=int, default=128, help="tokens generated per row (sample)")
     ap.add_argument("--repeats", type=int, default=2, help="runs per setting; the best is reported")
+    ap.add_argument("--group", type=int, default=8, help="completions per group (grpo)")
+    ap.add_argument("--iterations", type=int, default=3, help="timed iterations after one warm-up (grpo)")
     args = ap.parse_args()
-    result = {"sample": bench_sample}[args.what](args)
+    if args.what == "grpo" and "--new-tokens" not in sys.argv:
+        args.new_tokens = 64
+    result = {"sample": bench_sample, "grpo": bench_grpo}[args.what](args)
     print(json.dumps(result, indent=1))
 
 

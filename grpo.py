@@ -129,9 +129,13 @@ def _layer_checkpoint(layer, x, cos, sin, cache, attn_mask):
 
 
 def _target_logprobs(model, h, targets):
-    """log p(targets) from hidden states (rows, T, C), without keeping (rows, T, V) logits for backward."""
+    """log p(targets) (rows, T) from hidden states (rows, T, C). Cross-entropy fuses log-softmax and the
+    gather, and its backward (softmax - one-hot) needs no (rows, T, V) scatter of zeros."""
     logits = model.logits(h).float()
-    return torch.gather(F.log_softmax(logits, -1), -1, targets[..., None])[..., 0]
+    return -F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+
+
+LOGITS_BYTES_KEPT = 1 << 30  # above this, logits are recomputed in backward instead of kept
 
 
 class Learner:
@@ -248,8 +252,11 @@ class Learner:
                     hc = model.hidden_states(x[:, :Tin], positions=positions.expand(B, -1), cache=cache,
                                              attn_mask=attn[None, None], layer_call=layer_call)
                     h = torch.cat([h, hc], dim=1)  # (B, T, C): the state before each target token
-                if train:  # recompute logits in backward rather than keep (B, T, V) of them
-                    logp = checkpoint(_target_logprobs, model, h, x, use_reentrant=False)
+                if train:
+                    if B * T * model.config.vocab_size * 4 > LOGITS_BYTES_KEPT:  # recompute rather than keep
+                        logp = checkpoint(_target_logprobs, model, h, x, use_reentrant=False)
+                    else:
+                        logp = _target_logprobs(model, h, x)
                     loss = loss_fn(rsl, logp)
                     loss.backward()
                     total += float(loss.detach())

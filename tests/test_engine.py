@@ -1,0 +1,290 @@
+"""Engine tests: LoRA (and its PEFT format), the GRPO loss on hand-made tensors, the learner, the database,
+the search loop and the command line, on the real tiny model and the real toy task."""
+import copy
+import json
+import os
+import random
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from database import Database, Row
+from default_model import tiny_model_path
+from grpo import (GRPOConfig, Learner, Member, clipped_token_loss, group_advantages, length_mask,
+                  reduce_loss)
+from lora import (inject_lora, load_adapter, lora_disabled, lora_modules, lora_parameters, merge_lora,
+                  save_adapter)
+from model import load_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def tiny():
+    return load_model(tiny_model_path())
+
+
+def randomise_lora(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+IDS = torch.arange(3, 40).reshape(1, -1)
+
+# ---------------------------------------------------------------- LoRA
+
+
+def test_fresh_lora_changes_nothing_and_freezes_the_base(tiny):
+    model, _ = tiny
+    before = model(IDS)
+    names = inject_lora(model, r=4, alpha=8)
+    assert names == [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
+    assert torch.equal(model(IDS), before), "B starts at zero"
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    with pytest.raises(ValueError, match="twice"):
+        inject_lora(model)
+
+
+def test_lora_switch_gives_the_base_policy(tiny):
+    model, _ = tiny
+    base = model(IDS)
+    inject_lora(model, r=4, alpha=8)
+    randomise_lora(model)
+    assert not torch.allclose(model(IDS), base)
+    with lora_disabled(model):
+        assert torch.equal(model(IDS), base)
+    assert all(m.enabled for m in lora_modules(model).values())
+
+
+def test_adapter_roundtrip_and_merge(tiny, tmp_path):
+    model, _ = tiny
+    fresh = copy.deepcopy(model)
+    inject_lora(model, r=4, alpha=8, targets=("q_proj", "v_proj", "down_proj"))
+    randomise_lora(model)
+    want = model(IDS)
+    save_adapter(model, str(tmp_path / "adapter"))
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["target_modules"] == ["down_proj", "q_proj", "v_proj"]
+    load_adapter(fresh, str(tmp_path / "adapter"))
+    assert torch.allclose(fresh(IDS), want, atol=1e-6)
+    merged = merge_lora(fresh)
+    assert not lora_modules(merged)
+    assert torch.allclose(merged(IDS), want, atol=1e-5)
+
+
+def test_adapter_loads_in_peft_with_the_same_logits(tmp_path):
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    from test_all import hf_tiny_folder
+    folder, hf = hf_tiny_folder(tmp_path, "llama")
+    model, _ = load_model(folder)
+    inject_lora(model, r=4, alpha=8)
+    randomise_lora(model)
+    save_adapter(model, str(tmp_path / "adapter"), base_model=folder)
+    peft_model = peft.PeftModel.from_pretrained(hf, str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        diff = (model(IDS) - peft_model(IDS).logits).abs().max().item()
+    assert diff <= 1e-4, diff
+
+
+# ---------------------------------------------------------------- GRPO: pure functions on hand-made tensors
+
+
+def test_advantages_are_group_relative():
+    r = torch.tensor([0.0, 0.5, 1.0])
+    assert torch.allclose(group_advantages(r), torch.tensor([-0.5, 0.0, 0.5]))
+    assert torch.allclose(group_advantages(r, scale_std=True), torch.tensor([-1.0, 0.0, 1.0]), atol=1e-3)
+
+
+def clipped_grad(ratio, adv):
+    """d loss / d logp for one token with the given ratio and advantage."""
+    logp = torch.tensor([[float(torch.log(torch.tensor(ratio)))]], requires_grad=True)
+    clipped_token_loss(logp, torch.zeros(1, 1), torch.tensor([adv])).sum().backward()
+    return logp.grad.item()
+
+
+def test_clip_zeroes_the_gradient_exactly_where_it_should():
+    # A > 0: a ratio above 1 + eps_high is clipped (no push further up); below 1 - eps_low it is not.
+    assert clipped_grad(1.5, 1.0) == 0.0
+    assert clipped_grad(0.5, 1.0) == pytest.approx(-0.5)  # -A * ratio
+    assert clipped_grad(1.1, 1.0) == pytest.approx(-1.1)
+    # A < 0: a ratio below 1 - eps_low is clipped; above 1 + eps_high it is not.
+    assert clipped_grad(0.5, -1.0) == 0.0
+    assert clipped_grad(1.5, -1.0) == pytest.approx(1.5)
+    assert clipped_grad(0.9, -1.0) == pytest.approx(0.9)
+    # the boundaries are 1 - 0.2 and 1 + 0.28
+    assert clipped_grad(1.27, 1.0) != 0.0 and clipped_grad(1.29, 1.0) == 0.0
+    assert clipped_grad(0.81, -1.0) != 0.0 and clipped_grad(0.79, -1.0) == 0.0
+
+
+def test_sequence_and_token_normalisation():
+    loss = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
+    mask = length_mask(torch.tensor([3, 1]), 3)
+    assert mask.tolist() == [[True, True, True], [True, False, False]]
+    assert reduce_loss(loss, mask, "sequence").item() == pytest.approx((2.0 + 4.0) / 2)
+    assert reduce_loss(loss, mask, "token").item() == pytest.approx(10.0 / 4)
+
+
+def test_padding_gets_no_gradient_and_the_last_token_does():
+    tl = torch.ones(2, 3, requires_grad=True)
+    mask = length_mask(torch.tensor([3, 1]), 3)
+    reduce_loss(tl, mask, "sequence").backward()
+    assert tl.grad[1, 1:].eq(0).all(), "padding"
+    assert tl.grad[0, 2] > 0 and tl.grad[1, 0] > 0, "the final (EOS) token of each completion"
+
+
+# ---------------------------------------------------------------- the learner on the tiny model
+
+
+def members(tok, rewards, eos=True):
+    texts = ["abc", "defgh", "x", "hello"]
+    return [Member("on-policy", tok.encode(t) + ([tok.eos_id] if eos else []), r) for t, r in zip(texts, rewards)]
+
+
+def test_one_step_moves_lora_and_not_the_base(tiny):
+    model, tok = tiny
+    inject_lora(model, r=4, alpha=8)
+    base = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
+    lora = {n: p.clone() for n, p in model.named_parameters() if p.requires_grad}
+    stats = Learner(model, GRPOConfig(lr=1e-2, mu=2)).step(tok.encode("prompt"), members(tok, [0.2, 0.9, 0.5, 0.1]))
+    assert stats["skipped"] is None and stats["grad_norm"] > 0
+    assert all(torch.equal(p, base[n]) for n, p in model.named_parameters() if not p.requires_grad)
+    assert all(not torch.equal(p, lora[n]) for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_shared_prompt_gradient_equals_per_member_gradient(tiny):
+    model, tok = tiny
+    inject_lora(model, r=4, alpha=8)
+    randomise_lora(model)
+    prompt, group = tok.encode("a prompt of some length"), members(tok, [0.2, 0.9, 0.5, 0.1])
+    naive = copy.deepcopy(model)
+    adv = group_advantages(torch.tensor([m.reward for m in group]))
+    total = 0
+    for m, a in zip(group, adv):
+        logits = naive(torch.tensor([prompt + m.completion_ids]))[0, len(prompt) - 1:-1]
+        lp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(m.completion_ids)[:, None])[:, 0]
+        total = total + clipped_token_loss(lp[None], lp[None].detach(), a[None]).mean() / len(group)
+    total.backward()
+    for cfg in [GRPOConfig(mu=1, tokens_per_microbatch=8), GRPOConfig(mu=1, activation_checkpointing=True)]:
+        learner = Learner(copy.deepcopy(model), cfg)
+        learner.opt.step = lambda: None  # compare gradients, not updates
+        learner.cfg.max_grad_norm = 1e9
+        learner.step(prompt, group)
+        for ours, ref in zip(learner.params, lora_parameters(naive)):
+            assert torch.allclose(ours.grad, ref.grad, atol=1e-7)
+
+
+def test_zero_reward_members_leave_the_loss_and_zero_spread_skips(tiny):
+    model, tok = tiny
+    inject_lora(model, r=4, alpha=8)
+    learner = Learner(model, GRPOConfig(mu=1))
+    stats = learner.step(tok.encode("p"), members(tok, [0.0, 0.0, 0.5, 0.1]))
+    assert stats["trained_members"] == 2
+    assert learner.step(tok.encode("p"), members(tok, [0.3] * 4))["skipped"] == "no reward spread"
+
+
+def test_non_finite_step_never_reaches_the_adapter(tiny):
+    model, tok = tiny
+    inject_lora(model, r=4, alpha=8)
+    before = [p.clone() for p in lora_parameters(model)]
+    stats = Learner(model, GRPOConfig(mu=1)).step(tok.encode("p"), members(tok, [float("nan"), 0.5, 0.2, 0.1]))
+    assert stats["skipped"].startswith("non-finite")
+    assert all(torch.equal(a, b) for a, b in zip(before, lora_parameters(model)))
+
+
+def test_importance_weights_only_touch_neighbour_members(tiny):
+    model, tok = tiny
+    inject_lora(model, r=4, alpha=8)
+    randomise_lora(model)
+    group = members(tok, [0.2, 0.9, 0.5, 0.1])
+    # a behaviour log-prob far above the policy's: truncated ratio ~0, so this member barely trains
+    group[1] = Member("neighbour", group[1].completion_ids, 0.9, gen_logprobs=[0.0] * len(group[1].completion_ids))
+    grads = {}
+    for mode in ("task-prompt", "importance"):
+        learner = Learner(copy.deepcopy(model), GRPOConfig(mu=1, offpolicy=mode, max_grad_norm=1e9))
+        learner.opt.step = lambda: None
+        learner.step(tok.encode("p"), group)
+        grads[mode] = torch.cat([p.grad.flatten() for p in learner.params])
+    assert not torch.allclose(grads["task-prompt"], grads["importance"])
+
+
+# ---------------------------------------------------------------- database
+
+
+def test_database_dedup_order_and_persistence(tmp_path):
+    path = str(tmp_path / "c.sqlite")
+    db = Database(path)
+    db.add([Row("a", "ca", 0.2, "on-policy", 1), Row("b", "cb", 0.9, "neighbour", 1),
+            Row(None, "junk", 0.0, "on-policy", 1, info={"error": "no letters"}, oracle=False),
+            Row("c", "cc", 0.5, "warm-start", 0)])
+    with pytest.raises(sqlite3.IntegrityError):
+        db.add([Row("d", "cd", 0.1, "on-policy", 2), Row("a", "again", 1.0, "on-policy", 2)])
+    assert db.lookup(["d"]) == {}, "a failed batch leaves nothing behind"
+    assert [r.key for r in db.top(2)] == ["b", "c"]
+    assert db.history(3) == [("a", 0.2), ("c", 0.5), ("b", 0.9)], "worst to best"
+    assert db.oracle_calls() == 3 and db.count() == 4
+    assert db.sample_top(2, random.Random(0)).key in {"b", "c"}
+    db.close()
+    again = Database(path)
+    assert again.best().key == "b" and again.curve() == [(1, 0.2), (2, 0.9), (3, 0.9)]
+
+
+# ---------------------------------------------------------------- search and command line
+
+
+def run_cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "run.py", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("method", ["migrate", "random", "ns", "opro", "grpo", "grpo-greedy", "migrate-opro"])
+def test_every_method_spends_exactly_the_budget(tmp_path, method):
+    r = run_cli("--task", "toy", "--model", "tiny", "--method", method, "--budget", "12", "--out", str(tmp_path / "r"))
+    assert r.returncode == 0, r.stderr
+    s = json.loads((tmp_path / "r" / "summary.json").read_text())
+    db = Database(str(tmp_path / "r" / "candidates.sqlite"))
+    keys = [row.key for row in db.scored()]
+    assert s["oracle_calls"] == db.oracle_calls() == 12 and len(keys) == len(set(keys)) == 12
+    lines = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == list(range(1, s["steps"] + 1))
+    if method in ("migrate", "grpo-greedy"):
+        assert any(l["members"]["greedy"] for l in lines), "greedy members replayed from the database"
+    if method in ("migrate", "ns", "migrate-opro", "opro"):
+        assert any(l["members"]["neighbour"] for l in lines)
+    assert os.path.exists(tmp_path / "r" / "reward_curve.png")
+    assert os.path.exists(tmp_path / "r" / "adapter" / "adapter_model.safetensors") == (
+        method in ("migrate", "grpo", "grpo-greedy", "migrate-opro"))
+
+
+def test_resume_of_a_finished_run_scores_nothing_new(tmp_path):
+    out = str(tmp_path / "r")
+    assert run_cli("--task", "toy", "--model", "tiny", "--budget", "8", "--out", out).returncode == 0
+    first = json.loads(open(os.path.join(out, "summary.json")).read())
+    r = run_cli("--resume", out)
+    assert r.returncode == 0, r.stderr
+    again = json.loads(open(os.path.join(out, "summary.json")).read())
+    assert again["oracle_calls"] == first["oracle_calls"] == 8 and again["steps"] == first["steps"]
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--task", "nosuch"], "unknown task 'nosuch'"),
+    (["--task", "toy", "--task-id", "Not A Word"], "toy task id"),
+    (["--task", "toy", "--budget", "-3"], "--budget must be at least 1"),
+    (["--task", "toy", "--budget", "lots"], "--budget must be a positive integer"),
+    (["--task", "toy", "--model", "/no/such/folder"], "does not exist"),
+    (["--task", "toy", "--model", "tiny", "--device", "cuda"], "no CUDA GPU"),
+    (["--resume", "/tmp"], "not a run folder"),
+    (["--task", "toy", "--method", "sgd"], "unknown method 'sgd'"),
+])
+def test_bad_input_gets_one_line_and_exit_2(tmp_path, args, says):
+    if "--device" in args and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    r = run_cli(*args, "--out", str(tmp_path / "r")) if "--resume" not in args else run_cli(*args)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert says in lines[-1] and "Traceback" not in r.stderr, r.stderr

@@ -1,0 +1,208 @@
+"""The sandbox against a corpus of hostile programs: real child processes, no mocks.
+
+Each hostile program returns the right answer (the identity grid) only if its attack worked, so "it failed"
+is simply "no output". Every one must also return within timeout + 1 s, leave no process and no file behind,
+and the next program must still run. The OS layers are tested again with the audit hook switched off.
+"""
+import hashlib
+import os
+import tempfile
+import time
+
+import pytest
+
+import sandbox
+
+TIMEOUT = 1.5
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GRID = [[1, 2], [3, 4]]
+GOOD = "def transform(g):\n    return [row[::-1] for row in g]\n"
+SECRET = "hunter2-fake-secret"
+
+# name -> source; {canary} is a root-owned file outside /tmp that nobody may delete or change.
+HOSTILE = {
+    "infinite_loop": "def transform(g):\n    while True:\n        pass\n",
+    "sleep_forever": "import time\ndef transform(g):\n    time.sleep(1000)\n    return g\n",
+    "loop_at_import": "while True:\n    pass\n",
+    "fork_bomb": "import os\ndef transform(g):\n    while True:\n        os.fork()\n",
+    "fork_and_setsid": "import os\ndef transform(g):\n    if os.fork() == 0:\n        os.setsid()\n"
+                       "        import time; time.sleep(1000)\n    return g\n",
+    "memory_bomb": "def transform(g):\n    a = []\n    while True:\n        a.append(bytearray(10**7))\n",
+    "huge_alloc": "def transform(g):\n    return [[0] * 10**10]\n",
+    "disk_fill": "def transform(g):\n    i = 0\n    while True:\n        open(f'f{i}', 'wb').write(b'0' * 10**6)\n"
+                 "        i += 1\n",
+    "one_huge_file": "def transform(g):\n    open('big', 'wb').write(b'0' * 10**9)\n    return g\n",
+    "fill_host_tmp": "def transform(g):\n    open('/tmp/migrate-evil-fill', 'wb').write(b'0' * 10**6)\n"
+                     "    import os\n    assert os.path.exists('/tmp/migrate-evil-fill') and 0\n    return g\n",
+    "delete_outside": "import os, shutil\ndef transform(g):\n    os.remove('{canary}')\n"
+                      "    shutil.rmtree(os.path.dirname('{canary}'))\n    return g\n",
+    "write_outside": "def transform(g):\n    open('{canary}', 'w').write('pwned')\n    return g\n",
+    "write_repo": "def transform(g):\n    open('" + REPO + "/sandbox.py', 'a').write('# pwned')\n    return g\n",
+    "read_passwd": "def transform(g):\n    return [[len(open('/etc/passwd').read()) % 10]]\n",
+    "read_root_home": "import os\ndef transform(g):\n    return [[len(os.listdir('/root/.cache')) % 10]]\n",
+    "env_secret": "import os\ndef transform(g):\n    return [[len(os.environ['MIGRATE_FAKE_SECRET']) % 10]]\n",
+    "parent_environ": "import os\ndef transform(g):\n    s = open(f'/proc/{os.getppid()}/environ').read()\n"
+                      "    return g if 'hunter2' in s else None\n",
+    "socket_out": "import socket\ndef transform(g):\n    socket.create_connection(('1.1.1.1', 53), timeout=1)\n"
+                  "    return g\n",
+    "socket_listen": "import socket\ndef transform(g):\n    s = socket.socket()\n    s.bind(('0.0.0.0', 0))\n"
+                     "    s.listen()\n    return g\n",
+    "ignore_signals": "import signal\nfor s in (signal.SIGTERM, signal.SIGINT, signal.SIGXCPU, signal.SIGHUP):\n"
+                      "    signal.signal(s, signal.SIG_IGN)\ndef transform(g):\n    while True:\n        pass\n",
+    "kill_parent": "import os, signal\ndef transform(g):\n    os.kill(os.getppid(), signal.SIGKILL)\n"
+                   "    return g\n",
+    "kill_everyone": "import os, signal\ndef transform(g):\n    os.kill(-1, signal.SIGKILL)\n",
+    "stdout_flood": "def transform(g):\n    while True:\n        print('x' * 10000)\n",
+    "stderr_flood": "import sys\ndef transform(g):\n    while True:\n        sys.stderr.write('x' * 10000)\n",
+    "result_channel_flood": "import os\ndef transform(g):\n    while True:\n        for fd in range(3, 8):\n"
+                            "            try:\n                os.write(fd, b'{\"i\": 0, ' * 10000)\n"
+                            "            except OSError:\n                pass\n",
+    # Lines claiming the sandbox is broken must not stop the search: only the child's first line may say so.
+    "forge_setup_failure": "import os\ndef transform(g):\n    for fd in range(3, 8):\n        try:\n"
+                           "            os.write(fd, b'{\"isolation\": {}}\\n"
+                           "{\"error\": \"sandbox setup failed\"}\\n')\n"
+                           "        except OSError:\n            pass\n",
+    "deep_recursion": "import sys\nsys.setrecursionlimit(10**7)\ndef f(n):\n    return f(n + 1)\n"
+                      "def transform(g):\n    return f(0)\n",
+    "ctypes_crash": "import ctypes\ndef transform(g):\n    ctypes.string_at(0)\n    return g\n",
+    "os_system": "import os\ndef transform(g):\n    assert os.system('touch /tmp/migrate-evil-system') == 0\n"
+                 "    return g\n",
+    "subprocess": "import subprocess\ndef transform(g):\n    subprocess.Popen(['sleep', '1000'])\n    return g\n",
+    "outliving_thread": "import threading, time\ndef transform(g):\n"
+                        "    threading.Thread(target=time.sleep, args=(1000,)).start()\n    return g\n",
+    "setuid_root": "import os\ndef transform(g):\n    os.setuid(0)\n    return g\n",
+    "exit_early": "import os\ndef transform(g):\n    os._exit(0)\n",
+    "system_exit": "import sys\ndef transform(g):\n    sys.exit(0)\n",
+    "non_grid": "def transform(g):\n    return {'a': 1}\n",
+    "huge_grid": "def transform(g):\n    row = [1] * 10**6\n    return [row] * 10**6\n",
+    "floats_and_bools": "def transform(g):\n    return [[1.0, True]]\n",
+    "out_of_range": "def transform(g):\n    return [[10, -1]]\n",
+    "ragged": "def transform(g):\n    return [[1, 2], [3]]\n",
+    "hostile_exception": "class E(Exception):\n    def __str__(self):\n        while True:\n            pass\n"
+                         "def transform(g):\n    raise E()\n",
+    "no_transform": "x = 1\n",
+    "syntax_error": "def transform(g) return g\n",
+}
+# The attacks the OS layers must stop on their own (the audit hook off): uid, NPROC, namespaces, rlimits.
+OS_LAYER = ["fork_bomb", "fork_and_setsid", "memory_bomb", "disk_fill", "one_huge_file", "fill_host_tmp",
+            "delete_outside", "write_outside", "write_repo", "read_root_home", "parent_environ", "socket_out",
+            "kill_parent", "kill_everyone", "ctypes_crash", "os_system", "subprocess", "outliving_thread",
+            "setuid_root"]
+# Without namespaces (a container without CAP_SYS_ADMIN) only the audit hook stops these.
+NEEDS_NAMESPACES = {"disk_fill", "fill_host_tmp", "read_root_home", "parent_environ", "socket_out"}
+
+
+@pytest.fixture(scope="module")
+def layers():
+    return sandbox.probe()
+
+
+@pytest.fixture
+def canary():
+    # A root-owned folder outside /tmp (the child gets a private /tmp), removed afterwards.
+    folder = tempfile.mkdtemp(prefix=".canary-", dir=os.path.join(REPO, "tests"))
+    path = os.path.join(folder, "canary.txt")
+    with open(path, "w") as f:
+        f.write("untouched")
+    yield path
+    os.remove(path)
+    os.rmdir(folder)
+
+
+@pytest.fixture
+def workroot(monkeypatch, tmp_path):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the sandbox's host temp folders land here
+    monkeypatch.setenv("MIGRATE_FAKE_SECRET", SECRET)
+    return tmp_path
+
+
+def leftovers(pid):
+    """Live processes of the child's uid, session or process group."""
+    found = []
+    for p in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{p}/status") as f:
+                uid = next(int(ln.split()[1]) for ln in f if ln.startswith("Uid:"))
+        except (OSError, StopIteration):
+            continue
+        if fields[0] != "Z" and (int(fields[2]) == pid or int(fields[3]) == pid or uid == sandbox.UID_BASE + pid):
+            found.append(int(p))
+    return found
+
+
+def check_contained(box, name, canary, workroot):
+    repo_hash = hashlib.sha256(open(os.path.join(REPO, "sandbox.py"), "rb").read()).hexdigest()
+    t0 = time.monotonic()
+    res = box.run_one(HOSTILE[name].replace("{canary}", canary), [GRID, GRID])
+    wall = time.monotonic() - t0
+    assert res.outputs == [None, None], f"{name} produced output {res.outputs}"
+    assert all(res.errors), f"{name} failed without a reason"
+    assert wall < TIMEOUT + 1, f"{name} took {wall:.2f}s"
+    assert not leftovers(res.pid), f"{name} left processes behind"
+    assert open(canary).read() == "untouched", f"{name} changed a file outside its folder"
+    assert hashlib.sha256(open(os.path.join(REPO, "sandbox.py"), "rb").read()).hexdigest() == repo_hash
+    for f in ("/tmp/migrate-evil-fill", "/tmp/migrate-evil-system"):
+        assert not os.path.exists(f), f"{name} wrote {f}"
+    assert os.listdir(workroot) == [], f"{name} left its temp folder behind"
+    after = box.run_one(GOOD, [GRID])
+    assert after.outputs == [[[2, 1], [4, 3]]], f"the next program broke after {name}: {after.errors}"
+    return res
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_hostile_contained(name, canary, workroot):
+    box = sandbox.Sandbox(timeout_s=TIMEOUT, workers=1)
+    try:
+        check_contained(box, name, canary, workroot)
+    finally:
+        box.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the OS layers (uid drop, namespaces) need root")
+@pytest.mark.parametrize("name", OS_LAYER)
+def test_os_layers_hold_without_audit_hook(name, canary, workroot, layers):
+    if name in NEEDS_NAMESPACES and not layers["namespaces"]:
+        pytest.skip("no namespaces here: only the audit hook stops this one")
+    box = sandbox.Sandbox(timeout_s=TIMEOUT, workers=1, audit=False)
+    try:
+        res = check_contained(box, name, canary, workroot)
+        assert "sandbox:" not in " ".join(res.errors), "the audit hook was supposed to be off"
+    finally:
+        box.close()
+
+
+def test_layers_active_here(layers):
+    assert layers["audit_hook"]
+    if os.geteuid() == 0:
+        assert layers["uid_drop"], layers
+    if not layers["namespaces"]:
+        pytest.skip("namespaces refused by this kernel/container: network and /tmp rest on the audit hook")
+
+
+def test_batch_in_parallel_keeps_order_and_good_results(workroot):
+    bad = ["infinite_loop", "fork_bomb", "memory_bomb", "stderr_flood", "ctypes_crash", "non_grid"]
+    sources = [GOOD, *(HOSTILE[b] for b in bad), "import numpy as np\ndef transform(g):\n    return np.rot90(g)\n"]
+    t0 = time.monotonic()
+    res = sandbox.run_programs(sources, [GRID, [[5]]], timeout_s=TIMEOUT, workers=2)
+    assert time.monotonic() - t0 < 3 * (TIMEOUT + 1), "two workers should overlap the timeouts"
+    assert res[0].outputs == [[[2, 1], [4, 3]], [[5]]]
+    assert res[-1].outputs == [[[2, 4], [1, 3]], [[5]]], res[-1].errors
+    assert all(r.outputs == [None, None] and r.error or all(r.errors) for r in res[1:-1])
+    assert os.listdir(workroot) == []
+
+
+def test_partial_results_survive_a_timeout():
+    src = "def transform(g):\n    while g == [[0]]:\n        pass\n    return g\n"
+    res = sandbox.run_programs([src], [[[1]], [[0]], [[2]]], timeout_s=1.0)[0]
+    assert res.outputs[0] == [[1]] and res.outputs[1] is None and res.outputs[2] is None
+    assert "timeout" in res.error and "timeout" in res.errors[1]
+
+
+def test_as_grid():
+    assert sandbox.as_grid([[1, 2], [3, 4]]) == ([[1, 2], [3, 4]], None)
+    assert sandbox.as_grid(((1,),)) == ([[1]], None)
+    for bad in ([], [[]], [[1], [1, 2]], [[1.0]], [[True]], [[10]], [[-1]], "ab", [[1] * 31], [[0]] * 31, None):
+        grid, why = sandbox.as_grid(bad)
+        assert grid is None and why, f"{bad!r} should be rejected"

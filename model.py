@@ -178,15 +178,13 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # cos, sin: (B, 1, T, D)
+        if cache is not None and hasattr(cache, "attend"):  # a cache that computes attention itself
+            y = cache.attend(self.layer_idx, q, k, v, attn_mask)  # (B, H, T, D)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, H_kv, S, D), S = cached + T
             assert attn_mask is not None or T == 1 or k.shape[2] == T, \
                 "several new tokens after a non-empty cache need an explicit attn_mask"
-        if T == 1 and self.n_kv != self.n_head:
-            # One-token decode: fold each kv head's query heads into the query axis, (B, H_kv, H/H_kv, D),
-            # so keys and values are read once per kv head and never copied (3x faster than repeating).
-            y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv, -1, self.hd), k, v, attn_mask=attn_mask)
-            return self.o_proj(y.reshape(B, 1, self.n_head * self.hd))
         # An explicit mask whenever there is one: is_causal aligns to the top-left corner, which is only
         # right when queries start at position 0 (shared/STYLE.md, rule 14).
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,

@@ -23,9 +23,11 @@ def parser():
     g.add_argument("--seed", type=int, default=0, help="seed of sampling, anchors and LoRA initialisation")
     g = p.add_argument_group("method")
     g.add_argument("--method", default="migrate", help="migrate, migrate-opro, grpo, grpo-greedy, random, ns, opro")
-    g.add_argument("--budget", default=None,
-                   help="oracle calls (new unique candidates scored); 'paper' for the paper's budget "
-                        "(default: the task's CPU budget)")
+    g.add_argument("--preset", default=None, choices=["cpu", "paper"],
+                   help="budget and completion length: sized for the default model on a 2-core CPU, or the "
+                        "paper's (default: cpu with --device cpu, paper otherwise)")
+    g.add_argument("--budget", type=int, default=None,
+                   help="oracle calls: new, unique candidates scored (default: from --preset)")
     g.add_argument("--alpha", type=int, default=None, help="on-policy completions per group (default: preset)")
     g.add_argument("--beta", type=int, default=None, help="greedy completions per group (default: preset)")
     g.add_argument("--gamma", type=int, default=None, help="neighbourhood completions per group (default: preset)")
@@ -57,6 +59,7 @@ def parser():
     g = p.add_argument_group("run folder")
     g.add_argument("--out", default=None, help="run folder (default: runs/<task>-<id>-<method>-s<seed>)")
     g.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a stopped run from its folder")
+    g.add_argument("--label", default=None, help="a name for this variant, kept in config.json (experiments.py)")
     return p
 
 
@@ -79,20 +82,19 @@ def resolve(args) -> dict:
         alpha = args.group_size - beta - gamma
     if min(alpha, beta, gamma) < 0 or alpha + beta + gamma < 1:
         raise UsageError(f"alpha/beta/gamma = {alpha}/{beta}/{gamma}: need non-negative counts and a group of >= 1")
-    budget = pre.cpu_budget if args.budget is None else (pre.budget if args.budget == "paper" else args.budget)
-    try:
-        budget = int(budget)
-    except ValueError:
-        raise UsageError(f"--budget must be a positive integer or 'paper', got '{args.budget}'") from None
+    preset = args.preset or ("cpu" if args.device == "cpu" else "paper")
+    budget = args.budget if args.budget is not None else (pre.cpu_budget if preset == "cpu" else pre.budget)
     if budget < 1:
         raise UsageError(f"--budget must be at least 1, got {budget}")
+    max_new = args.max_new_tokens or (pre.cpu_max_new_tokens or pre.max_new_tokens if preset == "cpu"
+                                      else pre.max_new_tokens)
     for name in ("max_new_tokens", "mu", "lora_r"):
         v = getattr(args, name)
         if v is not None and v < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
-    cfg = dict(task=args.task, task_id=task.task_id, seed=args.seed, method=args.method, budget=budget,
+    cfg = dict(task=args.task, task_id=task.task_id, seed=args.seed, method=args.method, preset=preset, budget=budget,
                alpha=alpha, beta=beta, gamma=gamma,
-               max_new_tokens=args.max_new_tokens or pre.max_new_tokens,
+               max_new_tokens=max_new,
                temperature=pre.temperature if args.temperature is None else args.temperature,
                top_k_anchor=pre.top_k_anchor, patience=args.patience,
                model=args.model, device=args.device, dtype=args.dtype,
@@ -100,7 +102,7 @@ def resolve(args) -> dict:
                lora_targets=args.lora_targets.split(","), lora_dropout=args.lora_dropout, mu=args.mu or pre.mu,
                norm=args.norm, scale_std=args.scale_std, mask_zero_reward=not args.no_zero_mask,
                kl_coef=args.kl_coef, offpolicy=args.offpolicy, max_grad_norm=args.max_grad_norm,
-               activation_checkpointing=args.activation_checkpointing)
+               activation_checkpointing=args.activation_checkpointing, label=args.label)
     cfg["out"] = args.out or os.path.join("runs", f"{args.task}-{task.task_id}-{args.method}-s{args.seed}"
                                           .replace(":", "_").replace("/", "_"))
     task.close()

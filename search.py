@@ -74,7 +74,8 @@ class Search:
         self.solved = False
 
     def encode(self, messages):
-        return self.tok.encode(self.tok.apply_chat_template(messages))
+        """Prompt ids: the chat template, then the task's answer prefix (the model continues from there)."""
+        return self.tok.encode(self.tok.apply_chat_template(messages) + self.task.answer_prefix)
 
     @property
     def calls_left(self):
@@ -125,8 +126,10 @@ class Search:
         """Score the task's warm-start candidates once, before the first step."""
         if self.db.count() or not self.task.warm_start():
             return
+        prefix = self.task.answer_prefix
         texts = [self.task.render(c) for c in self.task.warm_start()]
-        self.score([(t, self.tok.encode(t)) for t in texts], ["warm-start"] * len(texts), step=0)
+        ids = [self.tok.encode(t[len(prefix):] if t.startswith(prefix) else t) for t in texts]
+        self.score(list(zip(texts, ids)), ["warm-start"] * len(texts), step=0)
 
     # ------------------------------------------------------------ one step
 
@@ -146,13 +149,15 @@ class Search:
             prompts.append(p), counts.append(1)
             sources.append("neighbour")
             db_sources.append(self.ns_kind)
+        prefix = self.task.answer_prefix
         outs = self.sampler.generate(prompts, n=counts, max_new_tokens=cfg.max_new_tokens,
                                      temperature=cfg.temperature, stop_strings=self.task.stop_strings,
+                                     stop_when=lambda text: self.task.finished(prefix + text),
                                      generator=self.gen) if prompts else []
         t_sample = time.perf_counter()
-        rewards, new_calls = self.score([(o.text, o.ids) for o in outs], db_sources, self.step_idx)
+        rewards, new_calls = self.score([(prefix + o.text, o.ids) for o in outs], db_sources, self.step_idx)
         t_reward = time.perf_counter()
-        members = [Member(src, o.ids, r, o.text, o.logprobs) for src, o, r in zip(sources, outs, rewards)
+        members = [Member(src, o.ids, r, prefix + o.text, o.logprobs) for src, o, r in zip(sources, outs, rewards)
                    if r is not None]  # None: budget ran out before this completion was scored
         members += [Member("greedy", g.completion_ids, g.reward, g.completion) for g in greedy]
         stats = {}

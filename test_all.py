@@ -181,6 +181,24 @@ def test_cached_decoding_equals_uncached_forward(tiny):
         assert torch.allclose(torch.tensor(o.logprobs), ref, atol=1e-5), (torch.tensor(o.logprobs) - ref).abs().max()
 
 
+def test_shared_prefix_decoding_equals_uncached_forward(tiny):
+    # Prompts sharing a long prefix take the cascade path: the prefix is cached once for all rows.
+    import sampling
+    model, tok = tiny
+    stem = tok.encode("a long shared problem statement " * 12)
+    assert len(stem) >= sampling.SHARE_MIN
+    prompts = [stem + tok.encode("first"), stem + tok.encode("the second question")]
+    outs = Sampler(model, tok).generate(prompts, n=[3, 2], max_new_tokens=12, temperature=1.0, stop_ids=(),
+                                        generator=torch.Generator().manual_seed(5))
+    assert [o.prompt_index for o in outs] == [0, 0, 0, 1, 1]
+    for o in outs:
+        ids = torch.tensor([o.prompt_ids + o.ids])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids)[0, len(o.prompt_ids) - 1:-1], -1)
+        ref = logp.gather(-1, torch.tensor(o.ids)[:, None])[:, 0]
+        assert torch.allclose(torch.tensor(o.logprobs), ref, atol=1e-5), (torch.tensor(o.logprobs) - ref).abs().max()
+
+
 def test_same_seed_same_samples_and_rows_differ(tiny):
     model, tok = tiny
     s = Sampler(model, tok)

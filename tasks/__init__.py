@@ -33,6 +33,7 @@ class Preset:
     budget: int = 1000  # oracle calls in the paper
     cpu_budget: int = 100  # default oracle calls on a CPU with the default model
     max_new_tokens: int = 64
+    cpu_max_new_tokens: int | None = None  # None: as max_new_tokens
     temperature: float = 1.0
     top_k_anchor: int = 3  # NS prompts vary a random one of the top-k candidates
 
@@ -57,7 +58,9 @@ class Task:
     name = "base"
     reward_range = (0.0, 1.0)
     preset = Preset(alpha=4, beta=0, gamma=0)
-    stop_strings: tuple[str, ...] = ()
+    answer_prefix = ""  # the answer's first words, written for the model (assistant prefill); part of the
+    #                     prompt for sampling and training, and of the completion text parse() sees
+    stop_strings: tuple[str, ...] = ()  # a completion may end once its tail contains one of these...
 
     def __init__(self, task_id: str | None = None, seed: int = 0):
         self.task_id, self.seed = task_id, seed
@@ -92,9 +95,14 @@ class Task:
         """Whether this candidate solves the problem; the search stops at the first one."""
         return score.reward >= self.reward_range[1]
 
+    def finished(self, completion: str) -> bool:
+        """...and this says it is complete (default: yes). Called only when a stop string appears."""
+        return True
+
     def render(self, candidate: str) -> str:
-        """A completion that states just this candidate in the answer format (stored for warm-start
-        candidates, which no model wrote, so that replaying them as greedy members teaches the format)."""
+        """A completion that states just this candidate in the answer format, answer_prefix included (stored
+        for warm-start candidates, which no model wrote, so that replaying them as greedy members teaches the
+        format)."""
         return candidate
 
     def warm_start(self) -> list[str]:

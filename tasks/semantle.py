@@ -43,7 +43,7 @@ class Semantle(Task):
     words_per_completion = 2  # K: words asked for, and kept, per completion
     # Reference: 0/0/10 words a step, packed 2 per completion; ours counts completions (5 x 2 words).
     preset = Preset(alpha=0, beta=0, gamma=5, lr=5e-5, lora_r=64, lora_alpha=16, mu=2, budget=1000,
-                    cpu_budget=200, max_new_tokens=64, top_k_anchor=3)
+                    cpu_budget=200, max_new_tokens=64, cpu_max_new_tokens=24, top_k_anchor=3)
     stop_strings = ("]",)  # the answer is complete once its list closes; the sampler keeps the ']'
     answer_prefix = '["'  # [ours] starting the list for the model: 10/16 parsable answers from SmolLM2, not 4/16
 

@@ -2,6 +2,8 @@
 
   python bench.py sample   # tokens/s of our sampler vs transformers' generate, batch 1/8/16
   python bench.py grpo     # seconds per GRPO iteration vs TRL's GRPOTrainer (see grpo section)
+  python bench.py gpu      # CUDA, bf16, random weights of real shapes: decode vs transformers, roofline,
+                           # one ARC-sized GRPO iteration (needs a GPU; not run on the CPU machines)
 
 Speed is measured, never asserted: nothing here fails on a slow machine. `transformers`, `trl` and `peft`
 are benchmark-only imports (requirements-bench.txt).
@@ -34,7 +36,7 @@ def bench_sample(args):
     prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": PROMPT}]))
     sampler = Sampler(model, tok)
     rows = []
-    for batch in args.batches:
+    for batch in args.batches or [1, 8, 16]:
         ours, theirs = [], []
         for rep in range(args.repeats):
             g = torch.Generator().manual_seed(rep)
@@ -135,19 +137,111 @@ def bench_trl(path, G, new, iterations):
     return Timer.times[1:]
 
 
+GPU_CONFIGS = {  # the shapes of the real models (weights random: nothing large needs to travel)
+    "qwen2.5-1.5b": {"architectures": ["Qwen2ForCausalLM"], "vocab_size": 151936, "hidden_size": 1536,
+                     "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12,
+                     "num_key_value_heads": 2, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+                     "max_position_embeddings": 32768, "tie_word_embeddings": True},
+    "llama-3.2-3b": {"architectures": ["LlamaForCausalLM"], "vocab_size": 128256, "hidden_size": 3072,
+                     "intermediate_size": 8192, "num_hidden_layers": 28, "num_attention_heads": 24,
+                     "num_key_value_heads": 8, "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
+                     "max_position_embeddings": 131072, "tie_word_embeddings": True,
+                     "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}},
+}
+PEAK_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}  # bytes/s of HBM, SXM parts
+
+
+def bench_gpu(args):
+    """Decode tokens/s at batch 1/16/64 for ours (compiled static decode) and transformers' generate on the
+    same bf16 weights, the share of the memory-bandwidth roofline reached at batch 1, and one GRPO iteration
+    on an ARC-sized group (~4k-token prompt, G=16, 512 new tokens): seconds and peak memory."""
+    from transformers import AutoModelForCausalLM, AutoConfig
+    from grpo import GRPOConfig, Learner, Member
+    from lora import inject_lora
+    from model import build_model
+    assert torch.cuda.is_available(), "bench.py gpu needs a CUDA GPU"
+    dev, dt = "cuda", torch.bfloat16
+    name = torch.cuda.get_device_name()
+    peak = next((v for k, v in PEAK_BANDWIDTH.items() if k in name), None)
+    out = {"benchmark": "gpu", "device": name, "torch": torch.__version__, "models": {}}
+    for cname, cfg in GPU_CONFIGS.items():
+        model = build_model(cfg, device=dev, dtype=dt, seed=0).eval()
+        hf_cfg = AutoConfig.for_model(cfg["architectures"][0].replace("ForCausalLM", "").lower(),
+                                      **{k: v for k, v in cfg.items() if k != "architectures"})
+        hf = AutoModelForCausalLM.from_config(hf_cfg, dtype=dt).to(dev).eval()
+        hf.load_state_dict(model.state_dict(), strict=False)  # same weights, by Hugging Face names
+        tok = _RandomTokens(cfg["vocab_size"])
+        prompt = list(range(100, 164))
+        rows = []
+        for batch in args.batches or [1, 16, 64]:
+            s = Sampler(model, tok, compile=True)
+            s.generate([prompt], n=batch, max_new_tokens=8, stop_ids=())  # compile / capture
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            s.generate([prompt], n=batch, max_new_tokens=args.new_tokens, stop_ids=())
+            torch.cuda.synchronize()
+            ours = batch * args.new_tokens / (time.perf_counter() - t)
+            ids = torch.tensor([prompt] * batch, device=dev)
+            hf.generate(ids, do_sample=True, max_new_tokens=8, min_new_tokens=8, top_k=0)
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            hf.generate(ids, do_sample=True, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, top_k=0)
+            torch.cuda.synchronize()
+            theirs = batch * args.new_tokens / (time.perf_counter() - t)
+            row = {"batch": batch, "ours_tok_s": round(ours, 1), "transformers_tok_s": round(theirs, 1),
+                   "ratio": round(ours / theirs, 2)}
+            if batch == 1 and peak:
+                weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+                row["roofline_share"] = round(ours * weight_bytes / peak, 3)  # tokens/s x bytes per token / peak
+            rows.append(row)
+            print(json.dumps({cname: row}), file=sys.stderr, flush=True)
+        inject_lora(model, r=128, alpha=32)
+        learner = Learner(model, GRPOConfig(lr=1e-5, mu=1, activation_checkpointing=True))
+        g = torch.Generator().manual_seed(0)
+        arc_prompt = torch.randint(0, cfg["vocab_size"], (4000,), generator=g).tolist()
+        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        outs = Sampler(model, tok).generate([arc_prompt], n=16, max_new_tokens=512, stop_ids=())
+        sample_s = time.perf_counter() - t
+        learner.step(arc_prompt, [Member("on-policy", o.ids, i / 16) for i, o in enumerate(outs)])
+        torch.cuda.synchronize()
+        out["models"][cname] = {"decode": rows, "grpo_arc_iteration_s": round(time.perf_counter() - t, 2),
+                                "grpo_arc_sample_s": round(sample_s, 2),
+                                "grpo_arc_peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+        del model, hf, learner
+        torch.cuda.empty_cache()
+    return out
+
+
+class _RandomTokens:
+    """The sampler's view of a tokenizer, for random-weight models: no text, no stop ids."""
+    pad_id, stop_ids = 0, []
+
+    def __init__(self, vocab):
+        self.vocab_size = vocab
+
+    def decode(self, ids, skip_special_tokens=True):
+        return ""
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["sample", "grpo"], help="which benchmark")
+    ap.add_argument("what", choices=["sample", "grpo", "gpu"], help="which benchmark")
     ap.add_argument("--model", default=None, help="Hugging Face folder (default: embedded SmolLM2-135M-Instruct)")
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 16], help="batch sizes (sample)")
+    ap.add_argument("--batches", type=int, nargs="+", default=None, help="batch sizes (sample: 1 8 16; gpu: 1 16 64)")
     ap.add_argument("--new-tokens", type=int, default=128, help="tokens generated per row (sample)")
     ap.add_argument("--repeats", type=int, default=2, help="runs per setting; the best is reported")
     ap.add_argument("--group", type=int, default=8, help="completions per group (grpo)")
     ap.add_argument("--iterations", type=int, default=3, help="timed iterations after one warm-up (grpo)")
     args = ap.parse_args()
+    if args.what == "gpu" and not torch.cuda.is_available():
+        print("error: bench.py gpu needs a CUDA GPU; none is visible to PyTorch here", file=sys.stderr)
+        sys.exit(2)
     if args.what == "grpo" and "--new-tokens" not in sys.argv:
         args.new_tokens = 64
-    result = {"sample": bench_sample, "grpo": bench_grpo}[args.what](args)
+    result = {"sample": bench_sample, "grpo": bench_grpo, "gpu": bench_gpu}[args.what](args)
     print(json.dumps(result, indent=1))
 
 

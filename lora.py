@@ -27,8 +27,10 @@ class LoRALinear(nn.Module):
         super().__init__()
         assert r > 0, f"LoRA rank must be positive, got {r}"
         self.base_layer = base
-        self.lora_A = Linear(base.in_features, r, bias=False, device=base.weight.device, dtype=base.weight.dtype)
-        self.lora_B = Linear(r, base.out_features, bias=False, device=base.weight.device, dtype=base.weight.dtype)
+        # Adapter weights stay float32 whatever the base dtype (as PEFT does): AdamW steps of 1e-5 vanish in
+        # bfloat16's 8-bit mantissa.
+        self.lora_A = Linear(base.in_features, r, bias=False, device=base.weight.device, dtype=torch.float32)
+        self.lora_B = Linear(r, base.out_features, bias=False, device=base.weight.device, dtype=torch.float32)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         self.r, self.alpha, self.scale = r, alpha, alpha / r
@@ -38,11 +40,12 @@ class LoRALinear(nn.Module):
     def forward(self, x):
         y = self.base_layer(x)
         if self.enabled:
-            y = y + self.lora_B(self.lora_A(self.dropout(x))) * self.scale
+            y = y + (self.lora_B(self.lora_A(self.dropout(x).float())) * self.scale).to(y.dtype)
         return y
 
     def merged_weight(self):
-        return self.base_layer.weight + self.scale * (self.lora_B.weight @ self.lora_A.weight)
+        w = self.base_layer.weight
+        return (w.float() + self.scale * (self.lora_B.weight @ self.lora_A.weight)).to(w.dtype)
 
 
 def lora_modules(model) -> dict[str, LoRALinear]:

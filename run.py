@@ -12,6 +12,7 @@ Bad input gets one line on stderr and exit status 2.
 import argparse
 import json
 import os
+import sqlite3
 import sys
 import time
 
@@ -20,6 +21,9 @@ def parser():
     g = p.add_argument_group("problem")
     g.add_argument("--task", default="arc", help="task module in tasks/ (toy, arc, semantle, molecule)")
     g.add_argument("--task-id", default=None, help="problem within the task (default: the task's own)")
+    g.add_argument("--task-ids", default=None,
+                   help="several problems: comma-separated ids or a named set (e.g. semantle's 'paper'); under "
+                        "torchrun they are shared out over the processes, each problem in its own run folder")
     g.add_argument("--seed", type=int, default=0, help="seed of sampling, anchors and LoRA initialisation")
     g = p.add_argument_group("method")
     g.add_argument("--method", default="migrate", help="migrate, migrate-opro, grpo, grpo-greedy, random, ns, opro")
@@ -41,6 +45,8 @@ def parser():
                    help="local Hugging Face folder, or 'tiny' (random 2-layer model); default: SmolLM2-135M-Instruct")
     g.add_argument("--device", default="cpu", help="cpu or cuda")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and activations")
+    g.add_argument("--compile", action="store_true",
+                   help="compile the one-token decode step over a fixed-shape cache (CUDA graphs on a GPU)")
     g = p.add_argument_group("learner (GRPO on LoRA adapters)")
     g.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: preset)")
     g.add_argument("--lora-r", type=int, default=None, help="LoRA rank (default: preset)")
@@ -102,11 +108,26 @@ def resolve(args) -> dict:
                lora_targets=args.lora_targets.split(","), lora_dropout=args.lora_dropout, mu=args.mu or pre.mu,
                norm=args.norm, scale_std=args.scale_std, mask_zero_reward=not args.no_zero_mask,
                kl_coef=args.kl_coef, offpolicy=args.offpolicy, max_grad_norm=args.max_grad_norm,
-               activation_checkpointing=args.activation_checkpointing, label=args.label)
+               activation_checkpointing=args.activation_checkpointing, label=args.label, compile=args.compile)
     cfg["out"] = args.out or os.path.join("runs", f"{args.task}-{task.task_id}-{args.method}-s{args.seed}"
                                           .replace(":", "_").replace("/", "_"))
     task.close()
     return cfg
+
+
+def read_config(folder) -> dict:
+    path = os.path.join(folder, "config.json")
+    if not os.path.isdir(folder) or not os.path.exists(path):
+        raise UsageError(f"'{folder}' is not a run folder (no config.json); give a folder that run.py wrote")
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise UsageError(f"{path} is unreadable ({e}); the run cannot be resumed, start it again with --out")
+    missing = {"task", "task_id", "method", "budget", "seed"} - set(cfg)
+    if missing:
+        raise UsageError(f"{path} lacks {sorted(missing)}; it was not written by run.py")
+    return dict(cfg, out=folder)
 
 
 def write_json(path, obj):
@@ -153,14 +174,21 @@ def run(cfg, resume=False) -> int:
             lr=cfg["lr"], mu=cfg["mu"], norm=cfg["norm"], scale_std=cfg["scale_std"],
             mask_zero_reward=cfg["mask_zero_reward"], kl_coef=cfg["kl_coef"], offpolicy=cfg["offpolicy"],
             max_grad_norm=cfg["max_grad_norm"], activation_checkpointing=cfg["activation_checkpointing"]))
-    db = Database(os.path.join(out, "candidates.sqlite"))
+    try:
+        db = Database(os.path.join(out, "candidates.sqlite"))
+    except sqlite3.DatabaseError as e:
+        raise UsageError(f"{out}/candidates.sqlite is not a readable database ({e}); the run cannot be resumed")
     search = Search(SearchConfig(**{k: cfg[k] for k in (
         "method", "alpha", "beta", "gamma", "budget", "max_new_tokens", "temperature", "top_k_anchor", "patience")}),
-        task, tok, Sampler(model, tok), db, learner, seed=cfg["seed"])
+        task, tok, Sampler(model, tok, compile=cfg.get("compile", False)), db, learner, seed=cfg["seed"])
     elapsed = 0.0
     metrics_path = os.path.join(out, "metrics.jsonl")
     if resume and os.path.exists(ckpt_path):
-        ck = torch.load(ckpt_path, weights_only=False)
+        try:
+            ck = torch.load(ckpt_path, weights_only=False)
+        except Exception as e:  # written atomically, so only outside damage gets here
+            raise UsageError(f"{ckpt_path} is unreadable ({type(e).__name__}); remove it to continue from the "
+                             f"database with a fresh adapter") from None
         search.load_state(ck["search"])
         elapsed = ck["elapsed"]
         torch.set_rng_state(ck["torch_rng"])
@@ -244,24 +272,87 @@ def plot(curve, path, title):
     plt.close(fig)
 
 
+def run_many(args) -> int:
+    """Several problems of one task: each in its own run folder under --out, finished ones skipped, stopped
+    ones resumed. Under torchrun (WORLD_SIZE > 1) process r takes problems r, r+K, ... (one GPU each when
+    --device cuda), and process 0 writes the aggregated summary.json once all are done."""
+    import copy
+    from datetime import timedelta
+    import torch
+    import torch.distributed as dist
+    from tasks import load_task
+    ids = expand_ids(args.task, args.task_ids)
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    base = args.out or os.path.join("runs", f"{args.task}-{args.task_ids}-{args.method}-s{args.seed}"
+                                    .replace(":", "_").replace("/", "_").replace(",", "+"))
+    if world > 1:
+        cuda = args.device.startswith("cuda")
+        # a barrier waits for the slowest process: ARC problems can take hours
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(days=7))
+        if cuda:
+            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    for tid in ids:  # every process checks every id first, so a typo fails before hours of work
+        load_task(args.task, tid, seed=args.seed).close()
+    for tid in ids[rank::world]:
+        one = copy.copy(args)
+        one.task_id, one.task_ids = tid, None
+        one.out = os.path.join(base, str(tid).replace(":", "_").replace("/", "_"))
+        if os.path.exists(os.path.join(one.out, "summary.json")):
+            continue
+        resume = os.path.exists(os.path.join(one.out, "config.json"))
+        run(read_config(one.out) if resume else resolve(one), resume=resume)
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        summaries = []
+        for tid in ids:
+            with open(os.path.join(base, str(tid).replace(":", "_").replace("/", "_"), "summary.json")) as f:
+                summaries.append(json.load(f))
+        solved = sum(bool(s["solved"]) for s in summaries)
+        agg = {"task": args.task, "task_ids": ids, "method": args.method, "seed": args.seed, "processes": world,
+               "problems": len(ids), "solved": solved, "solve_rate": solved / len(ids),
+               "mean_best_reward": sum(s["best_reward"] or 0 for s in summaries) / len(ids),
+               "oracle_calls": sum(s["oracle_calls"] for s in summaries), "runs": summaries}
+        write_json(os.path.join(base, "summary.json"), agg)
+        print(f"{len(ids)} problems: {solved} solved, mean best reward {agg['mean_best_reward']:.3f}; "
+              f"summary in {base}/summary.json", file=sys.stderr)
+    if world > 1:
+        dist.destroy_process_group()
+    return 0
+
+
+def expand_ids(task, spec) -> list[str]:
+    """'paper' (a named set of the task) or 'id1,id2,...' -> the list of ids."""
+    from tasks import ALIASES, load_task
+    named = type(load_task(task)).named_sets() if not task.endswith(".py") else {}
+    ids = named.get(spec) or [s for s in spec.split(",") if s]
+    if not ids:
+        raise UsageError(f"--task-ids '{spec}' names no problem; give ids separated by commas or a named set "
+                         f"({', '.join(named) or 'none for this task'})")
+    return ids
+
+
 def main(argv=None):
     args = parser().parse_args(argv)
     from model import ModelError
     from tasks import TaskError
     try:
+        if args.task_ids:
+            return run_many(args)
         if args.resume:
-            path = os.path.join(args.resume, "config.json")
-            if not os.path.exists(path):
-                raise UsageError(f"'{args.resume}' is not a run folder (no config.json); give the folder a run wrote")
-            with open(path) as f:
-                cfg = json.load(f)
-            cfg["out"] = args.resume
+            cfg = read_config(args.resume)
         else:
             cfg = resolve(args)
         return run(cfg, resume=bool(args.resume))
     except (UsageError, TaskError, ModelError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        out = args.resume or (locals().get("cfg") or {}).get("out")
+        print(f"\ninterrupted; every completed step is saved" + (f": continue with --resume {out}" if out else ""),
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ class KVCache:
         self.prefix_k = torch.zeros(pshape, dtype=dtype, device=device)
         self.prefix_v = torch.zeros(pshape, dtype=dtype, device=device)
         self.rows, self.length, self.prefix_len, self.filling_prefix = batch, 0, 0, False
+        self.write_at = None  # static decode: the slot (a (1,) tensor) the next token's keys go to
 
     def fits(self, batch, max_len, prefix_len, dtype, device):
         return (self.k.shape[1] >= batch and self.k.shape[3] >= max_len and self.prefix_k.shape[3] >= prefix_len
@@ -58,12 +59,17 @@ class KVCache:
         if self.filling_prefix:  # batch 1, positions from 0: plain causal attention
             self.prefix_k[layer, :, :, :T], self.prefix_v[layer, :, :, :T] = k, v
             return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=True)
-        s = self.length
-        assert s + T <= self.k.shape[3], f"KV cache full: {s} + {T} > {self.k.shape[3]}"
-        assert k.shape[0] == self.rows, f"{k.shape[0]} rows of keys for a cache of {self.rows} live rows"
-        self.k[layer, :self.rows, :, s:s + T] = k
-        self.v[layer, :self.rows, :, s:s + T] = v
-        kr, vr = self.k[layer, :self.rows, :, :s + T], self.v[layer, :self.rows, :, :s + T]
+        if self.write_at is not None:  # static decode (compiled): one token at a tensor position, whole buffer
+            self.k[layer, :self.rows].index_copy_(2, self.write_at, k)
+            self.v[layer, :self.rows].index_copy_(2, self.write_at, v)
+            kr, vr = self.k[layer, :self.rows], self.v[layer, :self.rows]
+        else:
+            s = self.length
+            assert s + T <= self.k.shape[3], f"KV cache full: {s} + {T} > {self.k.shape[3]}"
+            assert k.shape[0] == self.rows, f"{k.shape[0]} rows of keys for a cache of {self.rows} live rows"
+            self.k[layer, :self.rows, :, s:s + T] = k
+            self.v[layer, :self.rows, :, s:s + T] = v
+            kr, vr = self.k[layer, :self.rows, :, :s + T], self.v[layer, :self.rows, :, :s + T]
         B, H, _, D = q.shape
         g = H // k.shape[1]
         # Fold each kv head's g query heads into the query axis, (B, H_kv, g*T, D): keys and values are read
@@ -144,9 +150,26 @@ def sample(logits, temperature, top_k, top_p, generator):
 
 
 class Sampler:
-    def __init__(self, model, tokenizer):
+    """compile=True runs the one-token decode step as a torch.compile'd function over a fixed-shape cache
+    (on CUDA with CUDA graphs: mode "reduce-overhead"). Shapes then never change inside a call: every step
+    attends over the whole preallocated buffer under the -inf mask, writes at a position held in a tensor,
+    and keeps finished rows. On a CPU eager decoding is faster (compiling SmolLM2 takes ~2 minutes there and
+    its steps ran slower), so it is off by default; the static path itself is tested on CPU."""
+
+    def __init__(self, model, tokenizer, compile=False):
         self.model, self.tok = model, tokenizer
         self.cache = None
+        self.static = compile
+        self._step = None
+        if compile:
+            mode = "reduce-overhead" if model.lm_head.weight.device.type == "cuda" else "default"
+            self._step = torch.compile(self._decode_step, mode=mode, dynamic=False)
+
+    def _decode_step(self, tok, pos, write_at, bias):
+        """Static-shape decode: tok, pos (B, 1); write_at (1,) the cache slot; bias (B, 1, 1, S_max)."""
+        self.cache.write_at = write_at
+        h = self.model.hidden_states(tok, positions=pos, cache=self.cache, attn_mask=bias)
+        return self.model.logits(h[:, -1])
 
     def _cache(self, batch, max_len, prefix_len, dtype, device):
         c = self.cache
@@ -162,11 +185,13 @@ class Sampler:
 
     @torch.inference_mode()
     def generate(self, prompts, n=1, max_new_tokens=128, temperature=1.0, top_p=1.0, top_k=0,
-                 stop_strings=(), generator=None, stop_ids=None, stop_when=None) -> list[Completion]:
+                 stop_strings=(), generator=None, stop_ids=None, stop_when=None, on_finish=None) -> list[Completion]:
         """Sample n completions of each prompt (token-id lists or strings); n may be a list, one per prompt.
 
         stop_ids None means the tokenizer's; () never stops on a token (benchmarks). A row stops when its
         tail contains a stop string and, if given, `stop_when(text so far)` agrees (a task's own test).
+        `on_finish(i, completion)` is called as soon as row i is complete, while the others still decode (a
+        slow reward can start early).
         Returns sum(n) completions, prompt-major. temperature 0 is greedy (deterministic); its
         logprobs are the model's own log-softmax, as greedy has no distribution of its own.
         """
@@ -182,12 +207,12 @@ class Sampler:
         try:
             stops = set(self.tok.stop_ids if stop_ids is None else stop_ids)
             return self._generate(prompts, counts, max_new_tokens, temperature, top_p, top_k, tuple(stop_strings),
-                                  stop_when, stops, generator, device, dtype)
+                                  stop_when, on_finish, stops, generator, device, dtype)
         finally:
             model.train(was_training)
 
-    def _generate(self, prompts, counts, max_new, temperature, top_p, top_k, stop_strings, stop_when, stops, gen,
-                  device, dtype):
+    def _generate(self, prompts, counts, max_new, temperature, top_p, top_k, stop_strings, stop_when, on_finish,
+                  stops, gen, device, dtype):
         P = len(prompts)
         shared = common_prefix(prompts)
         shared = shared if shared >= SHARE_MIN and sum(counts) > 1 else 0
@@ -200,15 +225,15 @@ class Sampler:
         ids = ids.to(device)
         B = sum(counts)
         cache = self._cache(max(B, P), Tp + max_new, shared, dtype, device)
-        cache.rows, cache.length, cache.prefix_len = P, 0, 0
+        cache.rows, cache.length, cache.prefix_len, cache.write_at = P, 0, 0, None
         if shared:
             cache.filling_prefix = True
             self.model.hidden_states(torch.tensor([prompts[0][:shared]], device=device), cache=cache)
             cache.filling_prefix, cache.prefix_len = False, shared
         slots = torch.arange(Tp, device=device)
         real = slots[None] >= pad[:, None]  # (P, Tp)
-        cache.bias[:P].zero_()
-        cache.bias[:P, :Tp].masked_fill_(~real, float("-inf"))
+        cache.bias[:P].fill_(float("-inf"))  # slots not yet written stay masked (static decode reads them all)
+        cache.bias[:P, :Tp].masked_fill_(real, 0.0)
         positions = shared + (slots[None] - pad[:, None]).clamp(min=0)  # (P, Tp)
         # Causal over real tokens; a pad query also sees itself so no softmax row is empty (NaN).
         allowed = (slots[:, None] >= slots[None, :]) & real[:, None, :] | torch.eye(Tp, dtype=torch.bool, device=device)
@@ -220,6 +245,7 @@ class Sampler:
         cache.select_rows(fan)  # one copy of each prompt's cache per sample
         logits = logits[fan]
         next_pos = (shared + Tp - pad)[fan]  # (B,) position of the next token of each row
+        fan_l = fan.tolist()  # prompt of each row
         rows = list(range(B))  # original row of each live batch slot
         out_ids = [[] for _ in range(B)]
         out_lp = [[] for _ in range(B)]
@@ -241,23 +267,41 @@ class Sampler:
                     if any(s in tail for s in stop_strings) and (
                             stop_when is None or stop_when(self.tok.decode(out_ids[r]))):
                         reason[r], live[slot] = "stop_string", False
+                if not live[slot] and on_finish is not None:
+                    on_finish(r, self._completion(r, out_ids, out_lp, reason, fan_l, prompts))
             if not live.any() or step == max_new - 1:
                 break
+            if self.static:  # fixed shapes: finished rows keep decoding, unread, and no slice ever shrinks
+                s = cache.length
+                cache.bias[:cache.rows, s] = 0.0
+                step_fn = self._step or self._decode_step
+                logits = step_fn(tok[:, None], next_pos[:, None], torch.tensor([s], device=device),
+                                 cache.bias[:cache.rows, None, None, :])
+                cache.length = s + 1
+                next_pos = next_pos + 1
+                continue
             if (~live).sum() * 4 >= len(rows):  # drop finished rows: a cache copy, repaid by smaller steps
                 keep = live.nonzero()[:, 0]
                 cache.select_rows(keep.to(device))
                 rows = [rows[i] for i in keep.tolist()]
                 tok, next_pos, live = tok[keep.to(device)], next_pos[keep.to(device)], live[keep]
             s = cache.length
+            cache.bias[:cache.rows, s] = 0.0  # the new token's own slot
             h = self.model.hidden_states(tok[:, None], positions=next_pos[:, None], cache=cache,
                                          attn_mask=cache.bias[:cache.rows, None, None, :s + 1])
             cache.length = s + 1
             next_pos = next_pos + 1
             logits = self.model.logits(h[:, -1])
-        owner = fan.tolist()
-        return [Completion(ids=out_ids[r], text=self.tok.decode(out_ids[r]), logprobs=out_lp[r],
-                           stop_reason=reason[r], prompt_index=owner[r], prompt_ids=prompts[owner[r]])
-                for r in range(B)]
+        outs = [self._completion(r, out_ids, out_lp, reason, fan_l, prompts) for r in range(B)]
+        if on_finish is not None:
+            for r in range(B):
+                if reason[r] == "length":  # rows that ran to the end were never reported
+                    on_finish(r, outs[r])
+        return outs
+
+    def _completion(self, r, out_ids, out_lp, reason, fan_l, prompts):
+        return Completion(ids=out_ids[r], text=self.tok.decode(out_ids[r]), logprobs=out_lp[r],
+                          stop_reason=reason[r], prompt_index=fan_l[r], prompt_ids=prompts[fan_l[r]])
 
 
 def common_prefix(prompts) -> int:

@@ -13,14 +13,17 @@ step on it:
      has found anything new for `patience` steps.
 All methods share this loop; they differ only in the group's composition and whether they train.
 """
+import math
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
 from database import Row
 from grpo import Member
+from tasks import Score
 
 # method -> (alpha, beta, gamma) as a function of the group size N and the preset mix, NS prompt kind, trains?
 METHODS = {
@@ -92,18 +95,20 @@ class Search:
 
     # ------------------------------------------------------------ scoring
 
-    def score(self, completions, sources, step) -> list[float | None]:
+    def score(self, completions, sources, step, early=None) -> list[float | None]:
         """Parse and score completions (texts, token ids) in order; store what is new. Returns each
-        completion's reward: max over its candidates, 0 without any, None if the budget ran out first."""
+        completion's reward: max over its candidates, 0 without any, None if the budget ran out first.
+        `early` holds scores of candidates already sent to the oracle while sampling (EarlyRewards)."""
         parsed = [self.task.parse(text) for text, _ in completions]
         known = self.db.lookup(c for p in parsed for c in p.candidates)
-        new, seen = [], set()
+        scores = early.results() if early else {}
+        new, left = [], self.calls_left - len(scores)
         for p in parsed:
             for c in p.candidates:
-                if c not in known and c not in seen and len(new) < self.calls_left:
-                    seen.add(c)
+                if c not in known and c not in scores and c not in new and len(new) < left:
                     new.append(c)
-        scores = dict(zip(new, self.task.reward(new))) if new else {}
+        scores.update(zip(new, self.task.reward(new)) if new else {})
+        scores = {c: finite(s) for c, s in scores.items()}
         rows, first_owner = [], {}
         for i, (p, (text, ids)) in enumerate(zip(parsed, completions)):
             if not p.candidates:
@@ -120,7 +125,7 @@ class Search:
             got = [scores[c].reward if c in scores else known[c].reward for c in p.candidates
                    if c in scores or c in known]
             rewards.append(max(got) if got else (0.0 if not p.candidates else None))
-        return rewards, len(new)
+        return rewards, len(scores)
 
     def warm_start(self):
         """Score the task's warm-start candidates once, before the first step."""
@@ -150,12 +155,14 @@ class Search:
             sources.append("neighbour")
             db_sources.append(self.ns_kind)
         prefix = self.task.answer_prefix
+        early = EarlyRewards(self) if self.task.slow_reward else None
         outs = self.sampler.generate(prompts, n=counts, max_new_tokens=cfg.max_new_tokens,
                                      temperature=cfg.temperature, stop_strings=self.task.stop_strings,
                                      stop_when=lambda text: self.task.finished(prefix + text),
+                                     on_finish=early.submit if early else None,
                                      generator=self.gen) if prompts else []
         t_sample = time.perf_counter()
-        rewards, new_calls = self.score([(prefix + o.text, o.ids) for o in outs], db_sources, self.step_idx)
+        rewards, new_calls = self.score([(prefix + o.text, o.ids) for o in outs], db_sources, self.step_idx, early)
         t_reward = time.perf_counter()
         members = [Member(src, o.ids, r, prefix + o.text, o.logprobs) for src, o, r in zip(sources, outs, rewards)
                    if r is not None]  # None: budget ran out before this completion was scored
@@ -205,3 +212,40 @@ class Search:
         self.zero_spread_steps = s["zero_spread_steps"]
         self.rng.setstate(s["rng"])
         self.gen.set_state(s["gen"])
+
+
+def finite(score: Score) -> Score:
+    """A task's score, with a non-finite reward (a task bug) turned into 0 and said so: NaN must not reach
+    the database, the advantages or the adapter."""
+    r = float(score.reward)
+    if math.isfinite(r):
+        return score
+    return Score(0.0, dict(score.info, error=f"the task returned a non-finite reward ({r}); scored 0"))
+
+
+class EarlyRewards:
+    """Sends the new candidates of each completion to the oracle as soon as the sampler finishes it, on a
+    background thread, so slow rewards (sandboxed programs, dockings) overlap with the decoding of the rest
+    of the group. Never spends more than the budget left at the start of the step."""
+
+    def __init__(self, search: Search):
+        self.search = search
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="reward")
+        self.sent = {}  # candidate -> (future of a list of Scores, index in it)
+        self.left = search.calls_left
+
+    def submit(self, _row, completion):
+        task = self.search.task
+        parsed = task.parse(task.answer_prefix + completion.text)
+        fresh = [c for c in dict.fromkeys(parsed.candidates) if c not in self.sent]
+        known = self.search.db.lookup(fresh)
+        fresh = [c for c in fresh if c not in known][:self.left - len(self.sent)]
+        if fresh:
+            future = self.pool.submit(task.reward, fresh)
+            self.sent.update({c: (future, i) for i, c in enumerate(fresh)})
+
+    def results(self) -> dict:
+        try:
+            return {c: f.result()[i] for c, (f, i) in self.sent.items()}
+        finally:
+            self.pool.shutdown()

@@ -2,7 +2,8 @@
 
 A task is one module in this folder defining a subclass of `Task` named `TASK`. It never imports the model
 or the learner: it turns completions into candidates and candidates into rewards, and the engine does the
-rest. Adding a task is adding a file; `load_task("name", task_id)` finds it by its file name.
+rest. Adding a task is adding a file; `load_task("name", task_id)` finds it by its file name, and
+`--task path/to/my_task.py` loads one from anywhere.
 
 Vocabulary:
 - completion: the text the model wrote for one prompt.
@@ -11,6 +12,8 @@ Vocabulary:
 - oracle call: the reward of one new, valid candidate. Candidates that fail `parse` cost no call.
 """
 import importlib
+import importlib.util
+import os
 from dataclasses import dataclass, field
 
 ALIASES = {"arc": "arc_agi"}  # short names users type -> module file
@@ -60,6 +63,7 @@ class Task:
     preset = Preset(alpha=4, beta=0, gamma=0)
     answer_prefix = ""  # the answer's first words, written for the model (assistant prefill); part of the
     #                     prompt for sampling and training, and of the completion text parse() sees
+    slow_reward = False  # True: score candidates while the rest of the group is still being sampled
     stop_strings: tuple[str, ...] = ()  # a completion may end once its tail contains one of these...
 
     def __init__(self, task_id: str | None = None, seed: int = 0):
@@ -119,18 +123,27 @@ class Task:
 
 
 def load_task(name: str, task_id: str | None = None, seed: int = 0) -> Task:
+    """A task by module name in tasks/ ("arc", "semantle", ...) or by the path of any .py file defining TASK."""
+    if name.endswith(".py"):
+        if not os.path.isfile(name):
+            raise TaskError(f"task file '{name}' does not exist")
+        spec = importlib.util.spec_from_file_location(f"user_task_{abs(hash(os.path.abspath(name)))}", name)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        if not hasattr(mod, "TASK"):
+            raise TaskError(f"{name} defines no TASK (a subclass of tasks.Task)")
+        return mod.TASK(task_id, seed=seed)
     module = ALIASES.get(name, name)
     try:
         mod = importlib.import_module(f"tasks.{module}")
     except ModuleNotFoundError as e:
         if e.name != f"tasks.{module}":
             raise  # the task exists but one of its imports is missing
-        raise TaskError(f"unknown task '{name}'; available: {', '.join(available())}") from None
+        raise TaskError(f"unknown task '{name}'; available: {', '.join(available())}, or a path to a .py file") from None
     return mod.TASK(task_id, seed=seed)
 
 
 def available() -> list[str]:
     import pkgutil
-    import os
     mods = [m.name for m in pkgutil.iter_modules([os.path.dirname(__file__)])]
     return sorted(set(mods) | set(ALIASES))

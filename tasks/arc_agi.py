@@ -101,6 +101,7 @@ class ARC(Task):
     # [ours] The answer starts as a program: a small model then writes a candidate every time, and the
     # budget (valid programs) maps to steps predictably.
     answer_prefix = "```python\ndef transform(grid):\n"
+    slow_reward = True  # each program is a sandboxed process: start them while the group still decodes
 
     def __init__(self, task_id=None, seed=0, timeout_s=2.0, memory_mb=512, workers=None):
         task_id = task_id or "0a1d4ef5"

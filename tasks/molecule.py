@@ -151,6 +151,7 @@ class Molecule(Task):
         super().__init__(task_id, seed)
         kind, _, arg = task_id.partition(":")
         self.kind = kind
+        self.slow_reward = kind == "dock"  # a docking takes ~50 s: start it while the group still decodes
         self._live, self._lock, self._stop = set(), threading.Lock(), threading.Event()
         if kind in ("qed", "plogp") and not arg:
             return

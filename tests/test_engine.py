@@ -271,6 +271,14 @@ def test_resume_of_a_finished_run_scores_nothing_new(tmp_path):
     assert again["oracle_calls"] == first["oracle_calls"] == 8 and again["steps"] == first["steps"]
 
 
+def test_bfloat16_run_on_cpu(tmp_path):
+    # the dtype path users take on GPUs; on CPU it is slow but must work end to end
+    r = run_cli("--task", "toy", "--model", "tiny", "--dtype", "bfloat16", "--budget", "6", "--out", str(tmp_path / "r"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    ck = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=False)
+    assert all(v.dtype == torch.float32 for v in ck["lora"].values()), "adapters train in float32"
+
+
 @pytest.mark.parametrize("args, says", [
     (["--task", "nosuch"], "unknown task 'nosuch'"),
     (["--task", "toy", "--task-id", "Not A Word"], "toy task id"),

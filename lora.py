@@ -7,6 +7,7 @@ from the same network without a second copy (shared/STYLE.md, rule 9). Module na
 `peft` onto the `transformers` model with the same logits.
 """
 import contextlib
+import glob
 import json
 import math
 import os
@@ -110,14 +111,19 @@ def save_adapter(model, folder, base_model=None):
               "use_rslora": False, "use_dora": False, "modules_to_save": None}
     parent = os.path.dirname(os.path.abspath(folder))
     os.makedirs(parent, exist_ok=True)
+    for stale in glob.glob(os.path.join(parent, ".adapter.*")):  # left by a save that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = tempfile.mkdtemp(prefix=".adapter.", dir=parent)
+    old = folder + ".old"
     try:
         save_file(state, os.path.join(tmp, ADAPTER_WEIGHTS))
         with open(os.path.join(tmp, ADAPTER_CONFIG), "w") as f:
             json.dump(config, f, indent=2)
-        old = folder + ".old"
         if os.path.exists(folder):
-            os.rename(folder, old)  # rename is atomic; the old adapter stays until the new one is in place
+            # Renames are atomic: at every instant `folder` or `folder.old` holds a complete adapter. An
+            # `old` left by a kill between the two renames is stale whenever `folder` exists.
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(folder, old)
         os.rename(tmp, folder)
         shutil.rmtree(old, ignore_errors=True)
     finally:

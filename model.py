@@ -338,6 +338,9 @@ def load_model(path=None, device="cpu", dtype=torch.float32):
     cfg_path = os.path.join(path, "config.json")
     if not os.path.exists(cfg_path):
         raise ModelError(f"{path} has no config.json; is it a Hugging Face model folder?")
+    if not os.path.exists(os.path.join(path, "tokenizer.json")):
+        raise ModelError(f"{path} has no tokenizer.json; give a folder that includes it (re-download the model, "
+                         f"or save a fast tokenizer into it with transformers' save_pretrained)")
     cfg = ModelConfig.from_hf(_read_json(cfg_path))
     with torch.device("meta"):
         model = Transformer(cfg)

@@ -109,6 +109,8 @@ def resolve(args) -> dict:
                norm=args.norm, scale_std=args.scale_std, mask_zero_reward=not args.no_zero_mask,
                kl_coef=args.kl_coef, offpolicy=args.offpolicy, max_grad_norm=args.max_grad_norm,
                activation_checkpointing=args.activation_checkpointing, label=args.label, compile=args.compile)
+    if not (args.device == "cpu" or args.device.startswith("cuda")):
+        raise UsageError(f"unknown device '{args.device}'; use cpu or cuda (cuda:N for one GPU)")
     cfg["out"] = args.out or os.path.join("runs", f"{args.task}-{task.task_id}-{args.method}-s{args.seed}"
                                           .replace(":", "_").replace("/", "_"))
     task.close()
@@ -160,7 +162,13 @@ def run(cfg, resume=False) -> int:
         raise UsageError(f"{out} already holds a run; continue it with --resume {out} or choose another --out")
     if cfg["device"].startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("--device cuda but no CUDA GPU is visible to PyTorch; use --device cpu")
-    os.makedirs(out, exist_ok=True)
+    try:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, ".writable"), "w"):
+            pass
+        os.remove(os.path.join(out, ".writable"))
+    except OSError as e:
+        raise UsageError(f"cannot write the run folder {out} ({e.strerror}); choose another --out") from None
     if not resume:
         write_json(os.path.join(out, "config.json"), cfg)
     task = load_task(cfg["task"], cfg["task_id"], seed=cfg["seed"])

@@ -33,7 +33,8 @@ class KVCache:
     prefix_k/v (L, 1, H_kv, P_max, D): the shared prefix, positions [0, prefix_len), one row read by all.
     k/v (L, B_max, H_kv, S_max, D): each row's own tokens (the rest of its prompt, left-padded, then what it
     generates); the first `rows` rows are live and filled up to `length`. `bias` (B_max, S_max) is their
-    additive mask: 0 on real tokens, -inf on padding (float, as a boolean mask sends SDPA to its slow path).
+    additive mask: 0 on real tokens, -inf on padding and on slots not yet written (float, as a boolean mask
+    sends SDPA to its slow path).
     """
 
     def __init__(self, n_layers, batch, n_kv, max_len, head_dim, dtype, device, prefix_len=0):
@@ -101,7 +102,8 @@ class KVCache:
 
 def attention_lse(q, k, v, mask):
     """Attention output (B, H, T, D) and the log-sum-exp of its scores (B, H, T), for merging partial
-    attentions. On CPU, PyTorch's flash kernel returns both; elsewhere the plain formula."""
+    attentions. On CPU, PyTorch's flash kernel returns both; elsewhere the plain formula (it materialises the
+    scores, which is small for decoding and for the rows' own tokens)."""
     if q.device.type == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=mask)
         return out, lse

@@ -76,6 +76,21 @@ class Result:
     isolation: dict = field(default_factory=dict)  # layers the child reported as active
 
 
+def _sweep_stale_workdirs():
+    """Remove work folders left by a supervisor that was killed (kill -9 leaves no chance to clean up): the
+    pid in a folder's name is no longer alive."""
+    tmp = tempfile.gettempdir()
+    for name in os.listdir(tmp):
+        parts = name.split("-")
+        if name.startswith("migrate-sbx-") and len(parts) > 3 and parts[2].isdigit():
+            try:
+                os.kill(int(parts[2]), 0)
+            except ProcessLookupError:
+                shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
+            except PermissionError:
+                pass  # alive, another user's
+
+
 class Sandbox:
     """A pool of worker threads, each supervising one child process at a time."""
 
@@ -83,13 +98,14 @@ class Sandbox:
         assert timeout_s > 0 and memory_mb >= 128, "timeout must be positive; numpy alone needs ~150 MB"
         self.timeout_s, self.memory_mb, self.disk_mb, self.audit = timeout_s, memory_mb, disk_mb, audit
         self.pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1)
+        _sweep_stale_workdirs()
 
     def run(self, sources: list[str], inputs: list[list[list[int]]]) -> list[Result]:
         """Run every program on every input; results in the order of `sources`."""
         return list(self.pool.map(lambda s: self.run_one(s, inputs), sources))
 
     def run_one(self, source: str, inputs) -> Result:
-        workdir = tempfile.mkdtemp(prefix="migrate-sbx-")
+        workdir = tempfile.mkdtemp(prefix=f"migrate-sbx-{os.getpid()}-")  # our pid: see _sweep_stale_workdirs
         job = json.dumps({"source": source, "inputs": inputs, "timeout_s": self.timeout_s, "audit": self.audit,
                           "memory_mb": self.memory_mb, "disk_mb": self.disk_mb, "workdir": workdir,
                           "parent_pid": os.getpid()}).encode()

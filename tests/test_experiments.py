@@ -1,0 +1,82 @@
+"""The experiment harness (issue 5) end to end: real run.py processes on the toy task and the tiny model,
+two methods x two problems x two seeds, then the table, the plot and resuming."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARGS = ["--tasks", "toy:cat,dog", "--methods", "random", "grpo", "--seeds", "0", "1", "--budget", "8",
+        "--jobs", "2"]
+
+
+def harness(out, *extra):
+    return subprocess.run([sys.executable, "experiments.py", *ARGS, "--out", str(out), *extra, "--", "--model", "tiny"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def summaries(out):
+    runs = out / "runs"
+    return {d.name: json.loads((d / "summary.json").read_text()) for d in runs.iterdir() if d.is_dir()}
+
+
+def table_row(text, label):
+    """The results.md row of one method, as its cells."""
+    row = next(line for line in text.splitlines() if line.startswith(f"| {label} |"))
+    return [c.strip() for c in row.strip("|").split("|")]
+
+
+@pytest.fixture(scope="module")
+def done(tmp_path_factory):
+    out = tmp_path_factory.mktemp("exp")
+    r = harness(out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out, r
+
+
+def test_every_run_has_its_folder_and_spends_the_budget(done):
+    out, _ = done
+    s = summaries(out)
+    assert len(s) == 8, f"2 problems x 2 methods x 2 seeds, got {sorted(s)}"
+    assert {(v["task_id"], v["method"], v["seed"]) for v in s.values()} == \
+        {(t, m, seed) for t in ("cat", "dog") for m in ("random", "grpo") for seed in (0, 1)}
+    assert all(v["oracle_calls"] == 8 or v["solved"] for v in s.values()), "a run stopped short of its budget"
+
+
+def test_table_reports_what_the_runs_found(done):
+    out, _ = done
+    text = (out / "results.md").read_text()
+    assert "toy: 2 problem(s) x 2 seed(s), budget 8" in text
+    s = summaries(out)
+    for method in ("random", "grpo"):
+        mine = [v for v in s.values() if v["method"] == method]
+        cells = table_row(text, method)
+        assert cells[1] == "4", f"{method}: runs column {cells[1]}"
+        # the mean in "0.412 [0.300, 0.520]" is the plain mean of the runs' best rewards
+        mean = float(cells[3].split()[0])
+        lo, hi = map(float, re.findall(r"[-\d.]+", cells[3])[1:3])
+        expect = sum(v["best_reward"] for v in mine) / len(mine)
+        assert abs(mean - expect) < 1e-3 and lo <= mean <= hi, (cells, expect)
+        solve = float(cells[2].split()[0])
+        assert abs(solve - sum(v["solved"] for v in mine) / 4) < 1e-2, cells
+    assert (out / "toy.png").stat().st_size > 1000, "the reward-vs-calls plot is missing"
+
+
+def test_finished_runs_are_skipped_and_an_unfinished_one_is_resumed(done):
+    out, _ = done
+    before = {n: (out / "runs" / n / "summary.json").stat().st_mtime_ns for n in summaries(out)}
+    victim = sorted(before)[0]
+    folder = out / "runs" / victim
+    calls = json.loads((folder / "summary.json").read_text())["oracle_calls"]
+    os.remove(folder / "summary.json")  # a run that was stopped after its last step, before its summary
+    r = harness(out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    after = {n: (out / "runs" / n / "summary.json").stat().st_mtime_ns for n in summaries(out)}
+    assert [n for n in before if n != victim and before[n] != after[n]] == [], "a finished run was redone"
+    assert json.loads((folder / "summary.json").read_text())["oracle_calls"] == calls, "resume scored again"
+    # the harness logs "[i/N] <run> <seconds> s ok": only the unfinished run took any time
+    secs = {m[0]: int(m[1]) for m in re.findall(r"\] (\S+) (\d+) s ok", r.stderr)}
+    assert len(secs) == 8 and [n for n, s in secs.items() if s > 0] == [victim], secs

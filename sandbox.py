@@ -272,7 +272,7 @@ def _enter_namespaces(libc, disk_mb) -> str | None:
         mount(f"/proc/self/fd/{fd}", p, None, MS_BIND | MS_REC)
         mount(None, p, None, MS_REMOUNT | MS_BIND | MS_RDONLY | safe)
         os.close(fd)
-    # The interpreter may live under an unreadable home (/root/.pyenv here): show the install, hide the rest.
+    # The interpreter may live under an unreadable home (pyenv under /root, say): show the install, hide the rest.
     for need in sorted({os.path.realpath(sys.base_prefix), os.path.realpath(sys.prefix)}):
         parts = need.split("/")
         home = next((h for h in ("/".join(parts[:k]) for k in range(2, len(parts)))

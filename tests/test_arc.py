@@ -165,16 +165,17 @@ def test_parse_takes_the_last_python_block(arc):
 
 def test_hostile_programs_score_zero_through_the_task():
     task = ARC("66e6c45b", timeout_s=1.0)
+    pwned = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pwned.txt")  # the repo
     try:
         hostile = ["def transform(grid):\n    while True:\n        pass\n",
                    "import os\ndef transform(grid):\n    os.fork()\n    return grid\n",
-                   "def transform(grid):\n    open('/work/main/pwned.txt', 'w').write('x')\n    return grid\n",
+                   f"def transform(grid):\n    open({pwned!r}, 'w').write('x')\n    return grid\n",
                    "def transform(grid):\n    return [bytearray(10**10)]\n",
                    "import socket\ndef transform(grid):\n    socket.create_connection(('1.1.1.1', 53))\n"
                    "    return grid\n"]
         for src, score in zip(hostile, task.reward(hostile)):
             assert score.reward == 0.0 and score.info.get("error"), (src, score.info)
-        assert not os.path.exists("/work/main/pwned.txt")
+        assert not os.path.exists(pwned)
     finally:
         task.close()
 

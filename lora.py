@@ -24,6 +24,8 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 class LoRALinear(nn.Module):
+    pack = None  # while the sampler decodes: its packed copy of merged_weight() (model.packed_linear)
+
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
         super().__init__()
         assert r > 0, f"LoRA rank must be positive, got {r}"
@@ -38,8 +40,6 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.enabled = True
 
-    pack = None  # decoding: the sampler's packed copy of merged_weight() (model.packed_linear)
-
     def forward(self, x):
         y = packed_linear(self.pack, x, self.base_layer.weight, self.base_layer.bias)
         if y is not None:
@@ -50,6 +50,7 @@ class LoRALinear(nn.Module):
         return y
 
     def merged_weight(self):
+        """W + scale * B A as a new tensor (export, and the sampler's packed copy); the base stays untouched."""
         w = self.base_layer.weight
         return (w.float() + self.scale * (self.lora_B.weight @ self.lora_A.weight)).to(w.dtype)
 

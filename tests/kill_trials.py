@@ -29,9 +29,9 @@ import time
 from dataclasses import dataclass, field
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # lora, sandbox: run as a script from anywhere
+sys.path.insert(0, ROOT)  # lora, jail: run as a script from anywhere
 
-from sandbox import UID_BASE  # noqa: E402  (after the path fix)
+from jail import UID_BASE  # noqa: E402  (after the path fix)
 
 LOG_ENV = "MIGRATE_REWARD_LOG"
 TASK_FILE = '''"""{cls} whose reward calls are logged for tests/kill_trials.py: one JSON line per candidate, fsynced

@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+import jail
 import sandbox
 
 TIMEOUT = 1.5
@@ -37,7 +38,7 @@ HOSTILE = {
     "delete_outside": "import os, shutil\ndef transform(g):\n    os.remove('{canary}')\n"
                       "    shutil.rmtree(os.path.dirname('{canary}'))\n    return g\n",
     "write_outside": "def transform(g):\n    open('{canary}', 'w').write('pwned')\n    return g\n",
-    "write_repo": "def transform(g):\n    open('" + REPO + "/sandbox.py', 'a').write('# pwned')\n    return g\n",
+    "write_repo": "def transform(g):\n    open('" + REPO + "/jail.py', 'a').write('# pwned')\n    return g\n",
     "read_passwd": "def transform(g):\n    return [[len(open('/etc/passwd').read()) % 10]]\n",
     "read_root_home": "import os\ndef transform(g):\n    return [[len(os.listdir('/root/.cache')) % 10]]\n",
     "env_secret": "import os\ndef transform(g):\n    return [[len(os.environ['MIGRATE_FAKE_SECRET']) % 10]]\n",
@@ -127,13 +128,17 @@ def leftovers(pid):
                 uid = next(int(ln.split()[1]) for ln in f if ln.startswith("Uid:"))
         except (OSError, StopIteration):
             continue
-        if fields[0] != "Z" and (int(fields[2]) == pid or int(fields[3]) == pid or uid == sandbox.UID_BASE + pid):
+        if fields[0] != "Z" and (int(fields[2]) == pid or int(fields[3]) == pid or uid == jail.UID_BASE + pid):
             found.append(int(p))
     return found
 
 
+def repo_hash():
+    return [hashlib.sha256(open(os.path.join(REPO, f), "rb").read()).hexdigest() for f in ("sandbox.py", "jail.py")]
+
+
 def check_contained(box, name, canary, workroot):
-    repo_hash = hashlib.sha256(open(os.path.join(REPO, "sandbox.py"), "rb").read()).hexdigest()
+    before = repo_hash()
     t0 = time.monotonic()
     res = box.run_one(HOSTILE[name].replace("{canary}", canary), [GRID, GRID])
     wall = time.monotonic() - t0
@@ -142,7 +147,7 @@ def check_contained(box, name, canary, workroot):
     assert wall < TIMEOUT + 1, f"{name} took {wall:.2f}s"
     assert not leftovers(res.pid), f"{name} left processes behind"
     assert open(canary).read() == "untouched", f"{name} changed a file outside its folder"
-    assert hashlib.sha256(open(os.path.join(REPO, "sandbox.py"), "rb").read()).hexdigest() == repo_hash
+    assert repo_hash() == before, f"{name} changed the sandbox's own code"
     for f in ("/tmp/migrate-evil-fill", "/tmp/migrate-evil-system"):
         assert not os.path.exists(f), f"{name} wrote {f}"
     assert os.listdir(workroot) == [], f"{name} left its temp folder behind"
@@ -201,8 +206,8 @@ def test_partial_results_survive_a_timeout():
 
 
 def test_as_grid():
-    assert sandbox.as_grid([[1, 2], [3, 4]]) == ([[1, 2], [3, 4]], None)
-    assert sandbox.as_grid(((1,),)) == ([[1]], None)
+    assert jail.as_grid([[1, 2], [3, 4]]) == ([[1, 2], [3, 4]], None)
+    assert jail.as_grid(((1,),)) == ([[1]], None)
     for bad in ([], [[]], [[1], [1, 2]], [[1.0]], [[True]], [[10]], [[-1]], "ab", [[1] * 31], [[0]] * 31, None):
-        grid, why = sandbox.as_grid(bad)
+        grid, why = jail.as_grid(bad)
         assert grid is None and why, f"{bad!r} should be rejected"

@@ -136,7 +136,7 @@ def linear(x, weight, bias=None):
 
 def packed_linear(pack, x, weight, bias=None):
     """x @ W^T + b from `pack` = (rows, version, MKL-packed W), which the sampler installs on a module while it
-    decodes (sampling.WeightPacks); None when the call does not fit it (other row count, or autograd on).
+    decodes (packing.WeightPacks); None when the call does not fit it (other row count, or autograd on).
     `weight` only gives the output size: the product comes from the packed copy."""
     if pack is None or pack[0] != x.numel() // x.shape[-1] or torch.is_grad_enabled():
         return None

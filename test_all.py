@@ -215,7 +215,7 @@ def test_static_and_compiled_decoding_equal_dynamic_decoding(tiny):
 
 
 def test_packed_weights_decode_like_the_plain_path(tiny, monkeypatch):
-    # On CPU, decode batches of 2-64 rows run on MKL-packed weights (sampling.WeightPacks). The tiny model's
+    # On CPU, decode batches of 2-64 rows run on MKL-packed weights (packing.WeightPacks). The tiny model's
     # matrices are too narrow to pack, so this one is wider. Same draws must give the same samples as the
     # plain path: when rows stop (a repack for the smaller batch), and when a weight was changed in place
     # after its pack was built (the stale pack must be rebuilt, not used).

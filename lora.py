@@ -17,15 +17,13 @@ import tempfile
 import torch
 import torch.nn as nn
 
-from model import Linear, packed_linear
+from model import Linear
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 class LoRALinear(nn.Module):
-    pack = None  # while the sampler decodes: its packed copy of merged_weight() (model.packed_linear)
-
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
         super().__init__()
         assert r > 0, f"LoRA rank must be positive, got {r}"
@@ -41,9 +39,6 @@ class LoRALinear(nn.Module):
         self.enabled = True
 
     def forward(self, x):
-        y = packed_linear(self.pack, x, self.base_layer.weight, self.base_layer.bias)
-        if y is not None:
-            return y
         y = self.base_layer(x)
         if self.enabled:
             y = y + (self.lora_B(self.lora_A(self.dropout(x).float())) * self.scale).to(y.dtype)

@@ -134,21 +134,9 @@ def linear(x, weight, bias=None):
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
-def packed_linear(pack, x, weight, bias=None):
-    """x @ W^T + b from `pack` = (rows, version, MKL-packed W), which the sampler installs on a module while it
-    decodes (packing.WeightPacks); None when the call does not fit it (other row count, or autograd on).
-    `weight` only gives the output size: the product comes from the packed copy."""
-    if pack is None or pack[0] != x.numel() // x.shape[-1] or torch.is_grad_enabled():
-        return None
-    return torch.ops.mkl._mkl_linear(x, pack[2], weight, bias, pack[0])
-
-
 class Linear(nn.Linear):
-    pack = None  # see packed_linear
-
     def forward(self, x):
-        y = packed_linear(self.pack, x, self.weight, self.bias)
-        return linear(x, self.weight, self.bias) if y is None else y
+        return linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):

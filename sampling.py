@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from packing import PACK_ROWS, WeightPacks
+from packing import PACK_ROWS, PackedDecoder
 
 SHARE_MIN = 128  # a common prefix shorter than this is not worth a separate attention pass
+CDF_BLOCK = 256  # tokens per block of the two-level inverse-CDF search (sample)
 REPACK_STEPS = 64  # repack for a smaller batch only if this many steps may remain (see packing.py)
 
 
@@ -74,8 +75,29 @@ class KVCache:
             self.k[layer, :self.rows, :, s:s + T] = k
             self.v[layer, :self.rows, :, s:s + T] = v
             kr, vr = self.k[layer, :self.rows, :, :s + T], self.v[layer, :self.rows, :, :s + T]
-        B, H, _, D = q.shape
-        g = H // k.shape[1]
+        return self._attention(layer, q, kr, vr, attn_mask)
+
+    def step_views(self):
+        """For a one-token step (packing.PackedDecoder): the slots the new keys and values go to, (L, rows, H_kv, D)
+        each, what each layer then attends over, (L, rows, H_kv, length + 1, D) each, and the rows' mask
+        (rows, 1, 1, length + 1), cut once for all layers."""
+        r, s = self.rows, self.length
+        assert s < self.k.shape[3], f"KV cache full: {s} + 1 > {self.k.shape[3]}"
+        return (self.k[:, :r, :, s], self.v[:, :r, :, s], self.k[:, :r, :, :s + 1], self.v[:, :r, :, :s + 1],
+                self.bias[:r, None, None, :s + 1])
+
+    def attend_step(self, layer, views, q, k, v):
+        """`attend` for one new token per row, on `step_views`: q (rows, H, D), k and v (rows, H_kv, D)
+        -> (rows, H, D)."""
+        k_slot, v_slot, keys, values, mask = views
+        k_slot[layer].copy_(k)
+        v_slot[layer].copy_(v)
+        return self._attention(layer, q[:, :, None], keys[layer], values[layer], mask)[:, :, 0]
+
+    def _attention(self, layer, q, kr, vr, attn_mask):
+        """q (B, H, T, D) over the rows' keys and values kr, vr (B, H_kv, S, D) and the shared prefix."""
+        B, H, T, D = q.shape
+        g = H // kr.shape[1]
         # Fold each kv head's g query heads into the query axis, (B, H_kv, g*T, D): keys and values are read
         # once per kv head and never repeated (3x faster than enable_gqa's copy for one-token decode).
         qr = q.reshape(B, -1, g * T, D)
@@ -138,19 +160,36 @@ def sampling_logits(logits, temperature, top_k, top_p):
 def sample(logits, temperature, top_k, top_p, generator):
     """One token per row (B,) and its log-probability (B,) under the sampling distribution.
 
-    Inverse-CDF sampling: one uniform number per row. torch.multinomial draws one exponential per
-    vocabulary entry (21 ms a step for 16 x 49k on our CPU); this costs a softmax and a cumsum.
+    Inverse-CDF sampling with one uniform number per row, in two levels: the row's probability mass summed
+    over blocks of CDF_BLOCK tokens, a search among the blocks, then a search inside the chosen block. A
+    cumsum over the whole vocabulary is a sequential scan (0.6 ms for 16 x 49k on our CPU) and
+    torch.multinomial draws one exponential per entry (21 ms); this costs one exp pass and block sums.
     """
     if temperature == 0:
         tok = logits.argmax(-1)
         return tok, torch.log_softmax(logits.float(), -1).gather(-1, tok[:, None])[:, 0]
     logits = sampling_logits(logits, temperature, top_k, top_p)
-    cdf = logits.softmax(-1).cumsum_(-1)  # (B, V)
-    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]
-    # right=True picks the first entry whose cdf exceeds u, so a zero-probability token is never chosen.
-    tok = torch.searchsorted(cdf, u, right=True)[:, 0].clamp_(max=cdf.shape[1] - 1)
-    # log p(tok), exact rather than a difference of two cdf entries
-    logp = logits.gather(-1, tok[:, None])[:, 0] - torch.logsumexp(logits, -1)
+    B, V = logits.shape
+    nb = -(-V // CDF_BLOCK)
+    top = logits.amax(-1, keepdim=True)  # (B, 1)
+    w = logits.new_empty(B, nb * CDF_BLOCK)  # unnormalised probabilities, zero-padded to whole blocks
+    w[:, V:] = 0
+    torch.sub(logits, top, out=w[:, :V]).exp_()
+    blocks = w.view(B, nb, CDF_BLOCK)
+    mass = blocks.sum(-1)  # (B, nb)
+    cum = mass.cumsum(-1)  # (B, nb)
+    u = torch.rand(B, 1, generator=generator, device=w.device) * cum[:, -1:]
+    # right=True finds the first block (then entry) whose cumulative mass exceeds u, which therefore has mass:
+    # a zero-probability token is never chosen. u is kept strictly below each total, which rounding in
+    # the products and in the two summation orders could otherwise reach.
+    u = torch.minimum(u, torch.nextafter(cum[:, -1:], torch.zeros_like(u)))
+    j = torch.searchsorted(cum, u, right=True)  # (B, 1)
+    inside = blocks.gather(1, j[..., None].expand(B, 1, CDF_BLOCK))[:, 0].cumsum(-1)  # (B, CDF_BLOCK)
+    u = (u - (cum.gather(1, j) - mass.gather(1, j))).clamp(min=0)
+    u = torch.minimum(u, torch.nextafter(inside[:, -1:], torch.zeros_like(u)))
+    tok = (j * CDF_BLOCK + torch.searchsorted(inside, u, right=True))[:, 0]
+    # log p(tok) = logit - logsumexp, with the logsumexp from the same pass: top + log(total mass)
+    logp = logits.gather(-1, tok[:, None])[:, 0] - (top[:, 0] + cum[:, -1].log())
     return tok, logp
 
 
@@ -165,7 +204,7 @@ class Sampler:
         self.model, self.tok = model, tokenizer
         self.cache = None
         self.static = compile
-        self.packs = WeightPacks(model)
+        self.packed = PackedDecoder(model)
         self._step = None
         if compile:
             mode = "reduce-overhead" if model.lm_head.weight.device.type == "cuda" else "default"
@@ -215,7 +254,6 @@ class Sampler:
             return self._generate(prompts, counts, max_new_tokens, temperature, top_p, top_k, tuple(stop_strings),
                                   stop_when, on_finish, stops, generator, device, dtype)
         finally:
-            self.packs.remove()
             model.train(was_training)
 
     def _generate(self, prompts, counts, max_new, temperature, top_p, top_k, stop_strings, stop_when, on_finish,
@@ -259,9 +297,9 @@ class Sampler:
         reason = ["length"] * B
         stop_window = max((len(s.encode()) for s in stop_strings), default=0) + 1
         live = torch.ones(B, dtype=torch.bool)
-        pack = self.packs.available and not self.static
-        if pack and B in PACK_ROWS and max_new > 1:
-            self.packs.install(B)
+        packed = self.packed if self.packed.available and not self.static else None
+        if packed and not (B in PACK_ROWS and max_new > 1 and packed.prepare(B)):
+            packed = None
         for step in range(max_new):
             tok, lp = sample(logits, temperature, top_k, top_p, gen)
             tok_l, lp_l = tok.tolist(), lp.tolist()
@@ -295,15 +333,18 @@ class Sampler:
                 cache.select_rows(keep.to(device))
                 rows = [rows[i] for i in keep.tolist()]
                 tok, next_pos, live = tok[keep.to(device)], next_pos[keep.to(device)], live[keep]
-                if pack and len(rows) in PACK_ROWS and max_new - step > REPACK_STEPS:
-                    self.packs.install(len(rows))  # 0.4 s for SmolLM2, repaid in ~20 steps
+                if packed and len(rows) in PACK_ROWS and max_new - step > REPACK_STEPS:
+                    packed.prepare(len(rows))  # 0.4 s for SmolLM2, repaid in ~20 steps
             s = cache.length
             cache.bias[:cache.rows, s] = 0.0  # the new token's own slot
-            h = self.model.hidden_states(tok[:, None], positions=next_pos[:, None], cache=cache,
-                                         attn_mask=cache.bias[:cache.rows, None, None, :s + 1])
+            if packed and packed.rows == cache.rows:  # else rows stopped too late to repay a repack
+                logits = packed.step(cache, tok, next_pos)
+            else:
+                h = self.model.hidden_states(tok[:, None], positions=next_pos[:, None], cache=cache,
+                                             attn_mask=cache.bias[:cache.rows, None, None, :s + 1])
+                logits = self.model.logits(h[:, -1])
             cache.length = s + 1
             next_pos = next_pos + 1
-            logits = self.model.logits(h[:, -1])
         outs = [self._completion(r, out_ids, out_lp, reason, fan_l, prompts) for r in range(B)]
         if on_finish is not None:
             for r in range(B):

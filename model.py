@@ -249,12 +249,9 @@ class Transformer(nn.Module):
         B, T = input_ids.shape
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
-        inv = self._inv_freq.to(input_ids.device)
-        freqs = positions.float()[..., None] * inv  # (B, T, D/2), float32 as the reference
         x = self.model.embed_tokens(input_ids)
-        cos, sin = freqs.cos(), freqs.sin()
-        cos = torch.cat((cos, cos), dim=-1)[:, None].to(x.dtype)  # (B, 1, T, D)
-        sin = torch.cat((-sin, sin), dim=-1)[:, None].to(x.dtype)  # signed for apply_rope
+        cos, sin = self.rope(positions)
+        cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)  # (B, 1, T, D)
         if attn_mask is None and self.config.sliding_window and T > self.config.sliding_window:
             attn_mask = sliding_causal_mask(T, self.config.sliding_window, x.device)
         for layer in self.model.layers:
@@ -263,6 +260,12 @@ class Transformer(nn.Module):
             else:
                 x = layer_call(layer, x, cos, sin, cache, attn_mask)
         return self.model.norm(x)
+
+    def rope(self, positions):
+        """cos and signed sin (for apply_rope) of positions (...) -> (..., D) each, float32 as the reference."""
+        freqs = positions.float()[..., None] * self._inv_freq.to(positions.device)  # (..., D/2)
+        cos, sin = freqs.cos(), freqs.sin()
+        return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
 
     def logits(self, h):
         return self.lm_head(h)

@@ -42,19 +42,19 @@ def _mm(x, pack, rows):
     return torch.ops.mkl._mkl_linear(x, pack.packed, pack.shape, pack.bias, rows)
 
 
+def _base(mod):
+    """The Linear a projection multiplies by: itself, or the one a LoRALinear wraps."""
+    return mod.base_layer if isinstance(mod, LoRALinear) else mod
+
+
 def _source(mod):
     """What a projection (a Linear, or a LoRALinear around one) multiplies by: a function making its weight
     (an enabled adapter merged in), its bias, and the tensors both are made of."""
-    base = mod.base_layer if isinstance(mod, LoRALinear) else mod
+    base = _base(mod)
     deps = [base.weight] + ([] if base.bias is None else [base.bias])
     if isinstance(mod, LoRALinear) and mod.enabled:
         return mod.merged_weight, base.bias, deps + [mod.lora_A.weight, mod.lora_B.weight]
     return (lambda: base.weight), base.bias, deps
-
-
-def _shape(mod):
-    w = (mod.base_layer if isinstance(mod, LoRALinear) else mod).weight
-    return w.shape
 
 
 def _norm(x, norm):
@@ -92,7 +92,7 @@ class PackedDecoder:
         if not (w.device.type == "cpu" and w.dtype == torch.float32 and torch.backends.mkl.is_available()):
             return False
         if self._fits is None:
-            shapes = [(sum(_shape(m)[0] for m in mods), _shape(mods[0])[1])  # (out, in) of each product
+            shapes = [(sum(_base(m).out_features for m in mods), _base(mods[0]).in_features)  # (out, in)
                       for _, mods in self._groups()]
             free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
             self._fits = (min(min(s) for s in shapes) >= PACK_MIN
@@ -116,7 +116,7 @@ class PackedDecoder:
                 w = (srcs[0][0]() if len(srcs) == 1 else torch.cat([make() for make, _, _ in srcs])).detach()
                 bias = None
                 if any(b is not None for _, b, _ in srcs):  # a part without a bias adds zeros
-                    bias = torch.cat([b if b is not None else w.new_zeros(_shape(mod)[0])
+                    bias = torch.cat([b if b is not None else w.new_zeros(_base(mod).out_features)
                                       for (_, b, _), mod in zip(srcs, mods)]).detach()
                 p = Pack(torch.ops.mkl._mkl_reorder_linear_weight(w, rows), w.new_zeros(()).expand(w.shape),
                          bias, [(t, t._version) for t in deps])
@@ -130,10 +130,8 @@ class PackedDecoder:
         m, cfg, P, B = self.model, self.model.config, self.packs, tok.shape[0]
         H, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         assert B == self.rows == cache.rows, f"packs for {self.rows} rows, {B} tokens, {cache.rows} cache rows"
-        freqs = pos.float()[:, None] * m._inv_freq.to(pos.device)  # (B, D/2), as Transformer.hidden_states
-        cos, sin = freqs.cos(), freqs.sin()
-        cos = torch.cat((cos, cos), -1)[:, None]  # (B, 1, D): the same for every head
-        sin = torch.cat((-sin, sin), -1)[:, None]
+        cos, sin = m.rope(pos)
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, D): the same for every head
         views = cache.step_views()
         x = m.model.embed_tokens(tok)  # (B, C)
         for i, layer in enumerate(m.model.layers):

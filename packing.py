@@ -10,7 +10,7 @@ product each, RoPE turns q and k in one call, the cache's slices for the step ar
 no module is called. Against the same packed products reached through the modules this decodes SmolLM2 13%
 faster at 16 rows and 22% faster at 8 (172 vs 152 and 115 vs 94 tokens/s, three interleaved runs).
 
-The math is model.py's (DecoderLayer, Attention, MLP) for one new token per row; test_all.py checks that both
+The math is model.py's (DecoderLayer, Attention, MLP) for one new token per row; tests/test_sampler.py checks that both
 give the same samples and log-probabilities. An enabled LoRA adapter is packed merged, W + scale B A, so the
 policy decodes at the base model's speed.
 """

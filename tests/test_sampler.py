@@ -1,0 +1,230 @@
+"""Sampler tests: cached and shared-prefix decoding against the uncached forward pass, the static and
+compiled step, the packed CPU decoder against the modules, seeds, temperature, top-k/top-p, the sampling
+draw itself and stop conditions; on the real tiny model and wider random ones built from its config."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from default_model import tiny_model_path
+from model import build_model, load_model
+from sampling import Sampler, sampling_logits
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model(tiny_model_path())
+
+
+def test_cached_decoding_equals_uncached_forward(tiny):
+    model, tok = tiny
+    prompts = [tok.encode("short"), tok.encode("a somewhat longer prompt here")]  # different lengths: padding
+    outs = Sampler(model, tok).generate(prompts, n=2, max_new_tokens=20, temperature=1.0, stop_ids=(),
+                                        generator=torch.Generator().manual_seed(3))
+    for o in outs:
+        ids = torch.tensor([o.prompt_ids + o.ids])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids)[0, len(o.prompt_ids) - 1:-1], -1)  # (new, V)
+        ref = logp.gather(-1, torch.tensor(o.ids)[:, None])[:, 0]
+        assert torch.allclose(torch.tensor(o.logprobs), ref, atol=1e-5), (torch.tensor(o.logprobs) - ref).abs().max()
+
+
+def test_shared_prefix_decoding_equals_uncached_forward(tiny):
+    # Prompts sharing a long prefix take the cascade path: the prefix is cached once for all rows.
+    import sampling
+    model, tok = tiny
+    stem = tok.encode("a long shared problem statement " * 12)
+    assert len(stem) >= sampling.SHARE_MIN
+    prompts = [stem + tok.encode("first"), stem + tok.encode("the second question")]
+    outs = Sampler(model, tok).generate(prompts, n=[3, 2], max_new_tokens=12, temperature=1.0, stop_ids=(),
+                                        generator=torch.Generator().manual_seed(5))
+    assert [o.prompt_index for o in outs] == [0, 0, 0, 1, 1]
+    for o in outs:
+        ids = torch.tensor([o.prompt_ids + o.ids])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids)[0, len(o.prompt_ids) - 1:-1], -1)
+        ref = logp.gather(-1, torch.tensor(o.ids)[:, None])[:, 0]
+        assert torch.allclose(torch.tensor(o.logprobs), ref, atol=1e-5), (torch.tensor(o.logprobs) - ref).abs().max()
+
+
+def test_static_and_compiled_decoding_equal_dynamic_decoding(tiny):
+    # The fixed-shape decode step (for CUDA graphs) must produce what the dynamic one does.
+    model, tok = tiny
+    stem = tok.encode("a long shared problem statement " * 12)
+    prompts = [stem + tok.encode("first"), stem + tok.encode("the second question"), tok.encode("short")]
+    ref = Sampler(model, tok).generate(prompts, n=[3, 2, 1], max_new_tokens=10, temperature=0, stop_ids=())
+    static = Sampler(model, tok)
+    static.static = True  # the compiled path's logic, run eagerly
+    for s in (static, Sampler(model, tok, compile=True)):
+        out = s.generate(prompts, n=[3, 2, 1], max_new_tokens=10, temperature=0, stop_ids=())
+        assert [o.ids for o in out] == [o.ids for o in ref]
+        assert max(abs(a - b) for o, r in zip(out, ref) for a, b in zip(o.logprobs, r.logprobs)) < 1e-5
+
+
+class CountPacked(TorchDispatchMode):  # sees every aten call, so it proves which products ran
+    calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += func is torch.ops.mkl._mkl_linear.default
+        return func(*args, **(kwargs or {}))
+
+
+def packed_like_plain(sampler, monkeypatch, prompts, n, stops=(), new=100):
+    """Sample with the packed decoder, then with it switched off (the modules), from the same draws: the same
+    tokens and log-probabilities within 1e-5. Returns the packed products per decode step (the first token
+    comes from the prompt's forward pass), on average."""
+    import packing
+    import sampling
+    outs, calls = [], []
+    for rows in (packing.PACK_ROWS, range(0)):  # packed, then plain
+        monkeypatch.setattr(sampling, "PACK_ROWS", rows)
+        with CountPacked() as count:
+            outs.append(sampler.generate(prompts, n=n, max_new_tokens=new, temperature=1.0, stop_ids=stops,
+                                         generator=torch.Generator().manual_seed(1)))
+        calls.append(count.calls)
+    packed, plain = outs
+    assert calls[1] == 0, calls
+    assert [o.ids for o in packed] == [o.ids for o in plain]
+    diff = max(abs(a - b) for o, r in zip(packed, plain) for a, b in zip(o.logprobs, r.logprobs))
+    assert diff < 1e-5, diff
+    return calls[0] / (max(len(o.ids) for o in packed) - 1)
+
+
+def wide(**kw):
+    """The tiny model's config, wide enough for every product to be packed (packing.PACK_MIN)."""
+    cfg = json.load(open(os.path.join(tiny_model_path(), "config.json")))
+    return build_model(dict(cfg, hidden_size=128, intermediate_size=256, **kw), seed=0)
+
+
+def test_packed_decoder_decodes_like_the_modules(tiny, monkeypatch):
+    # On CPU, decode batches of 1-64 rows run packing.PackedDecoder's step on MKL-packed weights instead of
+    # the modules. The same draws must give the same samples: when rows stop (a repack for the smaller
+    # batch), when a weight was changed in place after its pack was built (the stale pack must be rebuilt,
+    # not used), with a LoRA adapter (packed merged), after an optimiser-like step on it, and with it off.
+    _, tok = tiny
+    model = wide()
+    sampler = Sampler(model, tok)
+    if not sampler.packed.available:
+        pytest.skip("this torch build has no MKL")
+    prompts, n = ["hello", "a longer prompt"], [5, 4]
+    per_step = packed_like_plain(sampler, monkeypatch, prompts, n, stops=list(range(0, 259, 37)))
+    assert sampler.packed.rows < 9, "rows stopped early enough for a repack to the smaller batch"
+    assert per_step > 0, per_step
+    # 9 products a step (4 a layer and the head) when no row stops; leaves packs for 9 rows, reused next...
+    assert packed_like_plain(sampler, monkeypatch, prompts, n) == 9
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(3.0)  # ...except this one, now stale
+    packed_like_plain(sampler, monkeypatch, prompts, n)
+    from lora import inject_lora, lora_disabled
+    inject_lora(model, r=8, alpha=16)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)  # a trained-looking adapter: B = 0 would change nothing
+    packed_like_plain(sampler, monkeypatch, prompts, n)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.q_proj.lora_B.weight.mul_(-2.0)
+    packed_like_plain(sampler, monkeypatch, prompts, n)
+    with lora_disabled(model):
+        packed_like_plain(sampler, monkeypatch, prompts, n)
+    assert packed_like_plain(sampler, monkeypatch, ["hello"], 1) == 9  # one row: packed too (the lean step)
+
+
+@pytest.mark.parametrize("family", [dict(architectures=["Qwen2ForCausalLM"]),  # bias on q, k, v
+                                    dict(architectures=["Qwen3ForCausalLM"], head_dim=48, attention_bias=True)])
+def test_packed_decoder_covers_biases_qk_norm_and_shared_prefixes(tiny, monkeypatch, family):
+    # The packed step writes each family's features out again (q/k/v and o biases, Qwen3's per-head norms)
+    # and reads the shared prefix of the cascade path: it must agree with the modules there too.
+    import sampling
+    _, tok = tiny
+    model = wide(**family)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)  # biases start at zero and norms at one; make them matter
+    stem = tok.encode("a long shared problem statement " * 12)
+    assert len(stem) >= sampling.SHARE_MIN
+    prompts = [stem + tok.encode("first"), stem + tok.encode("the second question")]
+    sampler = Sampler(model, tok)
+    assert packed_like_plain(sampler, monkeypatch, prompts, [3, 2], new=30) == 9
+    with torch.no_grad():
+        model.model.layers[0].self_attn.k_proj.bias.add_(0.5)  # a pack's bias, changed in place: rebuild
+    packed_like_plain(sampler, monkeypatch, prompts, [3, 2], new=30)
+
+
+def test_same_seed_same_samples_and_rows_differ(tiny):
+    model, tok = tiny
+    s = Sampler(model, tok)
+    run = lambda seed: [o.ids for o in s.generate(["hello"], n=4, max_new_tokens=16, temperature=1.0,
+                                                  generator=torch.Generator().manual_seed(seed))]
+    a, b, c = run(7), run(7), run(8)
+    assert a == b and a != c
+    assert len({tuple(r) for r in a}) > 1, "rows of a group must differ at temperature 1"
+
+
+def test_temperature_zero_is_deterministic(tiny):
+    model, tok = tiny
+    s = Sampler(model, tok)
+    outs = s.generate(["hello", "hello"], n=2, max_new_tokens=16, temperature=0)
+    assert len({tuple(o.ids) for o in outs}) == 1
+    torch.manual_seed(123)  # greedy must not consume or depend on global randomness
+    assert s.generate(["hello"], max_new_tokens=16, temperature=0)[0].ids == outs[0].ids
+
+
+def test_top_k_top_p_and_logprobs_follow_the_distribution():
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]])
+    kept = sampling_logits(logits, 1.0, top_k=3, top_p=1.0)
+    assert torch.isinf(kept[0, 3:]).all() and torch.isfinite(kept[0, :3]).all()
+    p = logits.softmax(-1)[0]
+    kept = sampling_logits(logits, 1.0, top_k=0, top_p=float(p[0] + 0.01))  # needs the top two tokens
+    assert torch.isfinite(kept[0, :2]).all() and torch.isinf(kept[0, 2:]).all()
+    hot = sampling_logits(logits, 2.0, 0, 1.0)
+    assert torch.allclose(hot, logits / 2)
+
+
+def test_sample_draws_from_the_distribution():
+    # sample() searches blocks of CDF_BLOCK tokens, then inside one: a vocabulary that is not a whole number of
+    # blocks, impossible tokens on block edges and a whole impossible block must still come out right.
+    from sampling import CDF_BLOCK, sample
+    V = 4 * CDF_BLOCK - 24
+    logits = torch.randn(V, generator=torch.Generator().manual_seed(0)) * 2
+    banned = [0, CDF_BLOCK - 1, CDF_BLOCK, V - 1] + list(range(CDF_BLOCK + 40, 2 * CDF_BLOCK + 50))
+    logits[banned] = float("-inf")
+    p = logits.softmax(-1)
+    g, counts, n = torch.Generator().manual_seed(1), torch.zeros(V), 0
+    for _ in range(8):
+        tok, logp = sample(logits.expand(40_000, V), 1.0, 0, 1.0, g)
+        assert torch.allclose(logp, p.log()[tok], atol=1e-5)
+        counts += torch.bincount(tok, minlength=V)
+        n += len(tok)
+    assert counts[banned].sum() == 0, "a zero-probability token was drawn"
+    ok = p > 0
+    chi2 = ((counts[ok] - n * p[ok]) ** 2 / (n * p[ok])).sum().item()
+    dof = int(ok.sum()) - 1
+    assert chi2 < dof + 6 * (2 * dof) ** 0.5, (chi2, dof)  # ~6 standard deviations of a chi-square
+
+
+def test_sampled_tokens_respect_top_k(tiny):
+    model, tok = tiny
+    s = Sampler(model, tok)
+    outs = s.generate(["hello"], n=8, max_new_tokens=1, temperature=1.0, top_k=2,
+                      generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        allowed = set(model(torch.tensor([tok.encode("hello")]))[0, -1].topk(2).indices.tolist())
+    assert {o.ids[0] for o in outs} <= allowed
+    for o in outs:  # log-prob under the renormalised top-2 distribution, so > log of the raw softmax
+        assert -np.log(2) - 5 < o.logprobs[0] <= 0
+
+
+def test_stop_strings_and_max_tokens(tiny):
+    model, tok = tiny
+    s = Sampler(model, tok)
+    free = s.generate(["hello"], max_new_tokens=40, temperature=0, stop_ids=())[0]
+    assert free.stop_reason == "length" and len(free.ids) == 40
+    stop = free.text[5:7]  # a string the greedy continuation is known to produce
+    cut = s.generate(["hello"], max_new_tokens=40, temperature=0, stop_strings=[stop], stop_ids=())[0]
+    assert cut.stop_reason == "stop_string" and stop in cut.text and len(cut.ids) < 40
+    assert free.ids[:len(cut.ids)] == cut.ids

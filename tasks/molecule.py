@@ -317,12 +317,16 @@ class Molecule(Task):
             pass  # already gone
 
     def _kill(self, proc):
-        """Called by the thread that owns proc: kill its group if still running, then reap it."""
-        if proc.poll() is None:
-            self._signal(proc)
+        """Called by the thread that owns proc: kill its group, reap the worker, and return only once every
+        process of the group (obabel and vina outlive the worker by a moment: SIGKILL is delivered, not
+        awaited) is gone, so a timed-out docking leaves nothing running behind `reward`."""
+        self._signal(proc)  # even after the worker exited: vina may still run in its group
         with self._lock:
             self._live.discard(proc)  # before reaping, so close() never signals a recycled pid
         proc.communicate()
+        deadline = time.monotonic() + 10
+        while _group_members(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def solved(self, score):
         if self.kind == "plogp":
@@ -344,6 +348,20 @@ class Molecule(Task):
         with self._lock:
             for proc in self._live:
                 self._signal(proc)
+
+
+def _group_members(pgid) -> list[int]:
+    """Live (not zombie) processes of a process group, from /proc (Linux)."""
+    alive = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # after "(comm)": state, ppid, pgrp, ...
+        except OSError:
+            continue  # exited while we looked
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            alive.append(int(pid))
+    return alive
 
 
 def dock_worker(target, smiles, num_cpus, workdir):

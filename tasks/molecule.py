@@ -210,15 +210,16 @@ class Molecule(Task):
     def prompt(self):
         return [{"role": "user", "content": f"{self._objective()}\n{self._format()}"}]
 
+    # What varies (the anchor, the history) comes last: the prompts of a step share the rest, prefilled once.
     def neighbour_prompt(self, candidate, reward):
-        return [{"role": "user", "content": f"{self._objective()}\nHere is my molecule: {candidate} (score "
-                                            f"{reward:.3f}). Give a variation of it that could score higher.\n"
-                                            f"{self._format()}"}]
+        return [{"role": "user", "content": f"{self._objective()}\n{self._format()} Give a variation of my molecule "
+                                            f"below that could score higher.\nMy molecule: {candidate} (score "
+                                            f"{reward:.3f})"}]
 
     def opro_prompt(self, history):
         lines = "\n".join(f"{c} (score {r:.3f})" for c, r in history)
-        return [{"role": "user", "content": f"{self._objective()}\nMy past molecules, worst to best:\n{lines}\n"
-                                            f"Propose new molecules that could score higher.\n{self._format()}"}]
+        return [{"role": "user", "content": f"{self._objective()}\n{self._format()} Propose new molecules that "
+                                            f"could score higher than my past ones, worst to best:\n{lines}"}]
 
     def render(self, candidate):
         return json.dumps([candidate])  # the answer format the prompts ask for

@@ -60,29 +60,29 @@ class Semantle(Task):
         return {"paper": list(PAPER_TARGETS)}
 
     # --- prompts: short, because the default model is SmolLM2-135M-Instruct ---
+    # [ours] What varies (the anchor, the history) comes last, so every prompt of a step shares the rest and
+    # the sampler prefills it once. The format names no example words: SmolLM2 copied a '["...", "..."]'
+    # example 14% of the time.
 
     def _format(self):
         k = self.words_per_completion
-        shape = ", ".join(['"..."'] * k)
-        return f"Answer with a JSON list of exactly {k} new English words, like [{shape}], and nothing else."
+        return f"Answer with a JSON list of exactly {k} new English word{'s' * (k > 1)} and nothing else."
+
+    def _intro(self):
+        return ("I am thinking of a secret English word. Each guess scores how close its meaning is to the secret "
+                f"word; the secret word itself scores 1.0. Guess it. {self._format()}")
 
     def prompt(self):
-        return [{"role": "user", "content":
-                 "I am thinking of a secret English word. Guess it: each guess scores how close its meaning "
-                 f"is to the secret word, and the secret word itself scores 1.0. {self._format()}"}]
+        return [{"role": "user", "content": self._intro()}]
 
     def neighbour_prompt(self, candidate, reward):
-        return [{"role": "user", "content":
-                 f"I am thinking of a secret English word. The guess \"{candidate}\" scored {reward:.3f} "
-                 "(1.0 is the secret word; higher is closer in meaning). Give words related to "
-                 f"\"{candidate}\" that could score higher. {self._format()}"}]
+        return [{"role": "user", "content": f"{self._intro()} Use words related to my guess below that could "
+                                            f"score higher.\nMy guess: \"{candidate}\" scored {reward:.3f}."}]
 
     def opro_prompt(self, history):
         lines = "\n".join(f"{c}: {r:.3f}" for c, r in sorted(history, key=lambda cr: cr[1]))
-        return [{"role": "user", "content":
-                 "I am thinking of a secret English word. Past guesses and their scores, worst to best "
-                 f"(1.0 is the secret word; higher is closer in meaning):\n{lines}\n"
-                 f"Propose better guesses, not in the list. {self._format()}"}]
+        return [{"role": "user", "content": f"{self._intro()} Propose better guesses than my past ones below "
+                                            f"(worst to best, with their scores), not in the list.\n{lines}"}]
 
     # --- completion -> candidates ---
 

@@ -226,3 +226,27 @@ def test_the_docstring_worked_example():
         assert rewards == [0.5, 0.125, 1.0]
     finally:
         task.close()
+
+
+# ---- what of a program runs: the function, not the example usage a small model appends ----
+TRAILING = ("```python\ndef transform(grid):\n    return [row[:] for row in grid]\n\n# Test the function\n"
+            "grid_data = [[1, 2], [3, 4]]\nprint(transform(grid_data))\nresult = transform([[0, 1], [1")
+
+
+def test_trailing_usage_and_a_truncated_tail_do_not_stop_a_program():
+    task = load_task("arc", "66e6c45b")  # returning the input scores 0.5
+    try:
+        (key,) = task.parse(TRAILING).candidates
+        assert "# Test the function" in key, "the database key is the block as written"
+        (score,) = task.reward([key])
+        assert score.reward == 0.5 and score.info["runs"] and score.info["trimmed"], score.info
+        broken = "def transform(grid):\n    return [row[:] for row in grid\n"  # the error is in transform
+        helper = "import numpy as np\nK = 2\ndef flip(g):\n    return np.array(g)[::-1]\n" \
+                 "def transform(grid):\n    return flip(flip(grid)).tolist()\nprint(transform([[K]]))\n"
+        scores = task.reward([normalise(broken), normalise(helper)])
+        assert "SyntaxError" in scores[0].info["error"] and not scores[0].info["runs"], scores[0].info
+        assert scores[1].reward == 0.5 and scores[1].info["runs"], scores[1].info
+        summary = task.evaluate([("a", score), ("b", scores[0]), ("c", scores[1])])
+        assert (summary["programs"], summary["programs_run"], summary["run_share"]) == (3, 2, 0.6667), summary
+    finally:
+        task.close()

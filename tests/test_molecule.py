@@ -137,7 +137,9 @@ def test_prompts_name_the_objective_and_the_format():
     assert '["CCO"]' in t.prompt()[-1]["content"] and "QED" in t.prompt()[-1]["content"]
     assert "CCN (score 0.400)" in t.neighbour_prompt("CCN", 0.4)[-1]["content"]
     opro = t.opro_prompt([("CCN", 0.3), ("CCO", 0.4)])[-1]["content"]
-    assert opro.index("CCN") < opro.index("CCO")
+    assert opro.index("CCN (score") < opro.index("CCO (score"), "worst to best"
+    ns = [t.neighbour_prompt(c, 0.4)[-1]["content"] for c in ("CCN", "CCCCO")]
+    assert ns[1].startswith(ns[0][:ns[0].index("CCN (score")]), "the anchor comes last: the rest is shared"
     hidden = task("similarity:celecoxib").prompt()[-1]["content"]
     assert "celecoxib" not in hidden and "S(N)" not in hidden, "the reference must stay hidden"
 

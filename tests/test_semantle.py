@@ -85,6 +85,9 @@ def test_prompts(task):
     assert '"laptop" scored 0.717' in ns
     opro = task.opro_prompt([("laptop", 0.72), ("banana", 0.39), ("car", 0.5)])[0]["content"]
     assert opro.index("banana: 0.390") < opro.index("car: 0.500") < opro.index("laptop: 0.720"), opro
+    # What varies comes last: the task prompt is a prefix of the others, so a step's prompts share it.
+    assert ns.startswith(task.prompt()[0]["content"]) and opro.startswith(task.prompt()[0]["content"])
+    assert "computer" not in ns + opro, "the target must stay hidden"
 
 
 # --- rewards with the real encoder ---

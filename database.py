@@ -2,7 +2,7 @@
 
 One row per candidate: its canonical key (UNIQUE, so a candidate is never scored twice), the completion it
 came from (text and token ids, so a greedy member replays the exact tokens), reward, info (JSON), source,
-step, whether it cost an oracle call, and wall time. Completions with no valid candidate are stored too
+step, whether it cost an oracle call (warm-start candidates are given, and do not), and wall time. Completions with no valid candidate are stored too
 (key NULL, reward 0, the reason in info), so nothing the model wrote is lost, but they cost no oracle call.
 
 Sources: on-policy (task prompt), neighbour (NS prompt), opro (OPRO prompt), warm-start. Greedy members
@@ -140,8 +140,10 @@ class Database:
             f"SELECT {COLUMNS} FROM candidates WHERE key IS NOT NULL ORDER BY id")))
 
     def curve(self) -> list[tuple[int, float]]:
-        """(oracle calls so far, best reward so far) after every oracle call, for the plot."""
-        out, best = [], float("-inf")
+        """(oracle calls so far, best reward so far) after every oracle call, for the plot. The best so far
+        starts from the candidates scored for free (the warm start)."""
+        (given,) = self.conn.execute("SELECT MAX(reward) FROM candidates WHERE oracle = 0 AND key IS NOT NULL")
+        out, best = [], given[0] if given[0] is not None else float("-inf")
         for (reward,) in self.conn.execute("SELECT reward FROM candidates WHERE oracle = 1 ORDER BY id"):
             best = max(best, reward)
             out.append((len(out) + 1, best))

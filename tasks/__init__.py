@@ -14,7 +14,7 @@ Vocabulary:
 import importlib
 import importlib.util
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 ALIASES = {"arc": "arc_agi"}  # short names users type -> module file
 
@@ -25,7 +25,8 @@ class TaskError(ValueError):
 
 @dataclass
 class Preset:
-    """A task's paper hyperparameters (shared/PAPER.md, "Per-task settings"); run.py flags override them."""
+    """A task's hyperparameters: the paper's (shared/PAPER.md, "Per-task settings", and the reference code), and
+    in `cpu` the fields we change for the default model on a 2-core CPU [ours]. run.py flags override both."""
     alpha: int  # on-policy completions per group
     beta: int  # greedy completions (best past ones, from the database)
     gamma: int  # neighbourhood completions (variations of a top past candidate)
@@ -33,16 +34,30 @@ class Preset:
     lora_r: int = 64
     lora_alpha: int = 16
     mu: int = 2  # inner epochs over one group
-    budget: int = 1000  # oracle calls in the paper
-    cpu_budget: int = 100  # default oracle calls on a CPU with the default model
+    # The reference's optimiser (TRL's GRPOTrainer as Unsloth configures it): linear warm-up over the first
+    # tenth of the planned optimiser steps, then linear decay to 0; weight decay 0.01.
+    lr_schedule: str = "linear"  # "linear" | "constant"
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    steps: int = 100  # groups in one of the paper's runs: the schedule's length (x mu optimiser steps)
+    budget: int = 1000  # oracle calls
     max_new_tokens: int = 64
-    cpu_max_new_tokens: int | None = None  # None: as max_new_tokens
     temperature: float = 1.0
-    top_k_anchor: int = 3  # NS prompts vary a random one of the top-k candidates
+    top_k_anchor: int = 3  # MiGrATe: one anchor a step, uniform among the k best, for all gamma NS prompts
+    opro_k: int = 5  # MiGrATe(OPRO): the OPRO prompt lists the k best
+    ns_baseline_k: int = 3  # the ns baseline's anchor: one of the k best
+    opro_baseline_k: int = 10  # the opro baseline's list length
+    baseline_alpha: int = 0  # task-prompt samples in each group of the ns and opro baselines (ARC: 12 of 16)
+    cpu: dict = field(default_factory=dict)  # [ours] fields that differ on a CPU with the default model
 
     @property
     def group_size(self):
         return self.alpha + self.beta + self.gamma
+
+    def named(self, name: str) -> "Preset":
+        """The "paper" preset, or the "cpu" one (the paper's with the `cpu` fields replaced)."""
+        assert name in ("paper", "cpu"), f"presets are 'paper' and 'cpu', not {name!r}"
+        return replace(self, **self.cpu, cpu={}) if name == "cpu" else self
 
 
 @dataclass
@@ -110,7 +125,8 @@ class Task:
         return candidate
 
     def warm_start(self) -> list[str]:
-        """Candidates scored before the first step (they count against the budget). Default: none."""
+        """Candidates scored before the first step, given to every method (they cost no oracle call). Default:
+        none."""
         return []
 
     def evaluate(self, scored: list[tuple[str, Score]]) -> dict:

@@ -127,8 +127,11 @@ def normalise(code: str) -> str:
 
 class ARC(Task):
     name = "arc_agi"
-    preset = Preset(alpha=11, beta=1, gamma=4, lr=1e-5, lora_r=128, lora_alpha=32, mu=1, budget=1024,
-                    cpu_budget=64, max_new_tokens=1024, cpu_max_new_tokens=256)
+    # The reference's ns and opro baselines (inference.py) sample 12 task prompts + 4 NS/OPRO prompts around
+    # the best program per group of 16; its OPRO prompt shows one program.
+    preset = Preset(alpha=11, beta=1, gamma=4, lr=1e-5, lora_r=128, lora_alpha=32, mu=1, steps=64, budget=1024,
+                    max_new_tokens=1024, top_k_anchor=1, opro_k=1, ns_baseline_k=1, opro_baseline_k=1,
+                    baseline_alpha=12, cpu=dict(budget=64, max_new_tokens=256))
     # [ours] Stop once a complete ```python block defining transform is out: what follows is prose (or, from a
     # small model, rambling) that parse ignores, and on a CPU it is most of the decoding time.
     stop_strings = ("```",)

@@ -137,8 +137,9 @@ def dock_score(vina: float, qed: float) -> float:
 class Molecule(Task):
     name = "molecule"
     reward_range = (0.0, 1.0)
-    preset = Preset(alpha=2, beta=1, gamma=2, lr=5e-5, lora_r=64, lora_alpha=16, mu=2, budget=200,
-                    cpu_budget=100, max_new_tokens=256, cpu_max_new_tokens=96)
+    preset = Preset(alpha=2, beta=1, gamma=2, lr=5e-5, lora_r=64, lora_alpha=16, mu=2, steps=40, budget=200,
+                    max_new_tokens=256, top_k_anchor=1, opro_k=5, ns_baseline_k=3, opro_baseline_k=5,
+                    cpu=dict(budget=100, max_new_tokens=96))
     per_completion = 1  # molecules per completion, as in the reference (num_guesses 1)
     # [ours] Start the JSON list for the model (5/16 parsable answers from SmolLM2 rather than 1/16), and stop
     # at its close: '"]' rather than ']', which SMILES use for atoms like [nH].

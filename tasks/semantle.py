@@ -42,8 +42,9 @@ class Semantle(Task):
     reward_range = (0.0, 1.0)
     words_per_completion = 2  # K: words asked for, and kept, per completion
     # Reference: 0/0/10 words a step, packed 2 per completion; ours counts completions (5 x 2 words).
-    preset = Preset(alpha=0, beta=0, gamma=5, lr=5e-5, lora_r=64, lora_alpha=16, mu=2, budget=1000,
-                    cpu_budget=200, max_new_tokens=64, cpu_max_new_tokens=24, top_k_anchor=3)
+    preset = Preset(alpha=0, beta=0, gamma=5, lr=5e-5, lora_r=64, lora_alpha=16, mu=2, steps=100, budget=1000,
+                    max_new_tokens=64, top_k_anchor=3, opro_k=5, ns_baseline_k=3, opro_baseline_k=10,
+                    cpu=dict(budget=200, max_new_tokens=24))
     stop_strings = ("]",)  # the answer is complete once its list closes; the sampler keeps the ']'
     answer_prefix = '["'  # [ours] starting the list for the model: 10/16 parsable answers from SmolLM2, not 4/16
 

@@ -25,8 +25,8 @@ def levenshtein(a: str, b: str) -> int:
 
 class Toy(Task):
     name = "toy"
-    preset = Preset(alpha=2, beta=1, gamma=1, lr=1e-3, lora_r=8, lora_alpha=16, mu=2, budget=64,
-                    cpu_budget=32, max_new_tokens=12)
+    preset = Preset(alpha=2, beta=1, gamma=1, lr=1e-3, lora_r=8, lora_alpha=16, mu=2, steps=16, budget=64,
+                    max_new_tokens=12, cpu=dict(budget=32, lr_schedule="constant"))
 
     def __init__(self, task_id=None, seed=0):
         task_id = task_id or "migrate"

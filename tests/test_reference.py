@@ -1,0 +1,96 @@
+"""The group details of the authors' code (github dhdhagar/migrate), each matched here (shared/PAPER.md and the
+README's "Not copied" section say where we differ): the NS anchor and OPRO list per task and method, one anchor
+per step, the ARC baselines' 12 + 4 mix, the learning-rate schedule, and the warm start given for free."""
+import pytest
+import torch
+
+import run
+from database import Database, Row
+from default_model import tiny_model_path
+from grpo import GRPOConfig, lr_factor
+from model import load_model
+from sampling import Sampler
+from search import Search, SearchConfig
+from tasks import load_task
+
+
+def resolved(task, method, *extra):
+    return run.resolve(run.parser().parse_args(["--task", task, "--method", method, "--preset", "paper", *extra]))
+
+
+@pytest.mark.parametrize("task, method, anchor_k, opro_k, mix", [
+    ("semantle", "migrate", 3, 5, (0, 0, 5)),
+    ("semantle", "migrate-opro", 3, 5, (0, 0, 5)),
+    ("semantle", "ns", 3, 10, (0, 0, 5)),
+    ("semantle", "opro", 3, 10, (0, 0, 5)),
+    ("molecule", "migrate", 1, 5, (2, 1, 2)),
+    ("molecule", "migrate-opro", 1, 5, (2, 1, 2)),
+    ("molecule", "ns", 3, 5, (0, 0, 5)),
+    ("molecule", "opro", 3, 5, (0, 0, 5)),
+    ("arc", "migrate", 1, 1, (11, 1, 4)),
+    ("arc", "ns", 1, 1, (12, 0, 4)),  # the reference's inference.py: 12 task prompts + 4 NS per 16
+    ("arc", "opro", 1, 1, (12, 0, 4)),
+    ("arc", "random", 1, 1, (16, 0, 0)),
+])
+def test_anchor_and_opro_sizes_and_mix_per_task_and_method(task, method, anchor_k, opro_k, mix):
+    cfg = resolved(task, method)
+    assert (cfg["top_k_anchor"], cfg["opro_k"]) == (anchor_k, opro_k), cfg
+    sc = SearchConfig(**{k: cfg[k] for k in ("method", "alpha", "beta", "gamma", "baseline_alpha")})
+    assert sc.composition()[:3] == mix
+
+
+def test_one_anchor_a_step_serves_every_ns_member(tmp_path):
+    model, tok = load_model(tiny_model_path())
+    task = load_task("toy", "migrate")
+    db = Database(str(tmp_path / "c.sqlite"))
+    db.add([Row(w, w, r, "on-policy", 0) for w, r in (("alpha", 0.9), ("beta", 0.8), ("gamma", 0.7), ("delta", 0.1))])
+    sampler, seen = Sampler(model, tok), []
+    generate = sampler.generate
+
+    def spy(prompts, n=1, **kw):  # the real sampler, watched
+        seen.append((prompts, n))
+        return generate(prompts, n=n, **kw)
+    sampler.generate = spy
+    for k, allowed in ((1, {"alpha"}), (3, {"alpha", "beta", "gamma"})):
+        cfg = SearchConfig(method="ns", alpha=0, beta=0, gamma=4, budget=100, max_new_tokens=3, top_k_anchor=k)
+        search = Search(cfg, task, tok, sampler, db, seed=1)
+        anchors = set()
+        for _ in range(6):
+            seen.clear()
+            search.step()
+            (prompts, counts), = seen
+            assert len(prompts) == 1 and counts == [4], "one NS prompt, sampled gamma times"
+            anchors |= {w for w in ("alpha", "beta", "gamma", "delta") if f"'{w}'" in tok.decode(prompts[0])}
+        assert anchors <= allowed and (k == 1 or len(anchors) > 1), anchors
+    db.close()
+
+
+def test_linear_schedule_is_the_references():
+    transformers = pytest.importorskip("transformers")
+    cfg = GRPOConfig(lr=1.0, lr_schedule="linear", warmup_ratio=0.1, planned_steps=64)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    theirs = transformers.get_linear_schedule_with_warmup(opt, num_warmup_steps=7, num_training_steps=64)
+    want = []
+    for _ in range(70):
+        want.append(opt.param_groups[0]["lr"])
+        opt.step()
+        theirs.step()
+    factor = lr_factor(cfg)
+    assert [factor(n) for n in range(70)] == pytest.approx(want, abs=1e-12)
+    assert lr_factor(GRPOConfig(lr_schedule="constant"))(1000) == 1.0
+    assert resolved("arc", "migrate")["planned_steps"] == 64 and resolved("semantle", "migrate")["planned_steps"] == 200
+
+
+def test_warm_start_is_given_for_free(tmp_path):
+    model, tok = load_model(tiny_model_path())
+    task = load_task("semantle", "computer")
+    db = Database(str(tmp_path / "c.sqlite"))
+    cfg = SearchConfig(method="random", alpha=2, beta=0, gamma=0, budget=3, max_new_tokens=8)
+    search = Search(cfg, task, tok, Sampler(model, tok), db, seed=0)
+    search.warm_start()
+    given = db.scored()
+    assert len(given) == 20 and db.oracle_calls() == 0 and search.calls_left == 3
+    best_given = max(r.reward for r in given)
+    db.add([Row("zebra", "z", 0.01, "on-policy", 1)])  # a worse first guess: the curve keeps the given best
+    assert db.curve() == [(1, best_given)]
+    db.close()

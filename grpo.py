@@ -168,12 +168,9 @@ class Learner:
         keep.sort(key=lambda i: len(members[i].completion_ids))  # similar lengths share a micro-batch
         rows = [members[i] for i in keep]
         dev = self.model.lm_head.weight.device
-        lengths = torch.tensor([len(m.completion_ids) for m in rows])
-        T = int(lengths.max())
-        ids = torch.zeros(len(rows), T, dtype=torch.long)
-        for i, m in enumerate(rows):
-            ids[i, :len(m.completion_ids)] = torch.tensor(m.completion_ids)
-        ids, mask, adv = ids.to(dev), length_mask(lengths, T).to(dev), adv[keep].to(dev)
+        ids, lengths = self.pad([m.completion_ids for m in rows])
+        T = ids.shape[1]
+        mask, adv = length_mask(lengths, T).to(dev), adv[keep].to(dev)
         n_tokens = int(mask.sum())
         gen, is_ns = self._behaviour_logprobs(rows, T, dev)
         ref = None
@@ -213,6 +210,14 @@ class Learner:
         self.model.eval()
         return stats
 
+    def pad(self, completions: list[list[int]]):
+        """Token lists sorted by length -> (N, T) ids (zeros after each end) on the model's device, (N,) lengths."""
+        lengths = torch.tensor([len(c) for c in completions])
+        ids = torch.zeros(len(completions), int(lengths.max()), dtype=torch.long)
+        for i, c in enumerate(completions):
+            ids[i, :len(c)] = torch.tensor(c)
+        return ids.to(self.model.lm_head.weight.device), lengths
+
     def _behaviour_logprobs(self, rows, T, dev):
         """(N, T) sampler log-probs of NS members under their NS prompt, and which rows are NS; or Nones."""
         if self.cfg.offpolicy != "importance":
@@ -226,8 +231,10 @@ class Learner:
                 is_ns[i] = True
         return gen.to(dev), is_ns.to(dev)
 
-    def _logprobs(self, prompt_ids, ids, lengths, loss_fn):
+    def _logprobs(self, prompt_ids, ids, lengths, loss_fn, head=None):
         """Log-probs (N, T) of completion tokens as continuations of the task prompt, and the group loss.
+        Without a loss, `head(rows, h, x)` may replace the log-probs by another (rows, W) statistic of the
+        hidden states h (rows, W, C) before the targets x (rows, W) (diagnostics.py).
 
         The prompt runs once (batch 1); completions attend to its keys/values in micro-batches of similar
         length (rows arrive sorted by length; each micro-batch is as wide as its longest row). With a
@@ -273,7 +280,7 @@ class Learner:
                     loss.backward()
                     total += float(loss.detach())
                 else:
-                    logp = _target_logprobs(model, h, x)
+                    logp = head(rsl, h, x) if head else _target_logprobs(model, h, x)
             out[rsl, :W] = logp.detach()
         if train:
             # The prompt's backward, once for the whole group (roots without a graph, e.g. the first

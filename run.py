@@ -68,6 +68,9 @@ def parser():
                    help="NS members: ratio 1 under the task prompt (paper) or truncated importance weights")
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
     g.add_argument("--activation-checkpointing", action="store_true", help="recompute layers in backward")
+    g.add_argument("--no-diagnostics", action="store_true",
+                   help="skip the learning diagnostics of trained steps (KL to the base policy, log-prob of the "
+                        "best answer, adapter norm); they change nothing but cost a forward pass of the group")
     g = p.add_argument_group("run folder")
     g.add_argument("--out", default=None, help="run folder (default: runs/<task>-<id>-<method>-s<seed>)")
     g.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a stopped run from its folder")
@@ -119,7 +122,8 @@ def resolve(args) -> dict:
                lora_targets=args.lora_targets.split(","), lora_dropout=args.lora_dropout, mu=mu,
                norm=args.norm, scale_std=args.scale_std, mask_zero_reward=not args.no_zero_mask,
                kl_coef=args.kl_coef, offpolicy=args.offpolicy, max_grad_norm=args.max_grad_norm,
-               activation_checkpointing=args.activation_checkpointing, label=args.label, compile=args.compile)
+               activation_checkpointing=args.activation_checkpointing, label=args.label, compile=args.compile,
+               diagnostics=not args.no_diagnostics)
     if not (args.device == "cpu" or args.device.startswith("cuda")):
         raise UsageError(f"unknown device '{args.device}'; use cpu or cuda (cuda:N for one GPU)")
     cfg["out"] = args.out or os.path.join("runs", f"{args.task}-{task.task_id}-{args.method}-s{args.seed}"
@@ -204,7 +208,8 @@ def run(cfg, resume=False) -> int:
     search = Search(SearchConfig(**{k: cfg[k] for k in (
         "method", "alpha", "beta", "gamma", "baseline_alpha", "budget", "max_new_tokens", "temperature",
         "top_k_anchor", "opro_k", "patience") if k in cfg}),
-        task, tok, Sampler(model, tok, compile=cfg.get("compile", False)), db, learner, seed=cfg["seed"])
+        task, tok, Sampler(model, tok, compile=cfg.get("compile", False)), db, learner, seed=cfg["seed"],
+        diagnose=cfg.get("diagnostics", True))
     elapsed = 0.0
     metrics_path = os.path.join(out, "metrics.jsonl")
     if resume and os.path.exists(ckpt_path):
@@ -243,10 +248,12 @@ def run(cfg, resume=False) -> int:
         progress(m, cfg["budget"])
     summary = summarise(cfg, task, db, search, reason, time.time() - t_start)
     write_json(os.path.join(out, "summary.json"), summary)
-    plot(db.curve(), os.path.join(out, "reward_curve.png"), f"{cfg['task']} {task.task_id} ({cfg['method']})")
+    plot(db.curve(), read_metrics(metrics_path), os.path.join(out, "reward_curve.png"),
+         f"{cfg['task']} {task.task_id} ({cfg['method']})")
     print(f"\n{reason}: best reward {summary['best_reward']} after {summary['oracle_calls']} oracle calls, "
           f"{summary['steps']} steps, {summary['wall_seconds']:.0f} s; solved: {summary['solved']}\n"
-          f"final: {json.dumps(summary['final'])}\nrun folder: {out}", file=sys.stderr)
+          f"final: {json.dumps(summary['final'])}\n{task.describe(summary['final'])}\n"
+          f"plot: {os.path.join(out, 'reward_curve.png')}", file=sys.stderr)
     task.close()
     db.close()
     return 0
@@ -283,17 +290,45 @@ def summarise(cfg, task, db, search, reason, wall):
             "final": task.evaluate([(r.key, Score(r.reward, r.info)) for r in scored])}
 
 
-def plot(curve, path, title):
+def read_metrics(path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot(curve, metrics, path, title):
+    """Three panels: the best reward against oracle calls; per step, what the policy samples (on-policy mean
+    reward, shares of failed and repeated completions); and how far training has moved it (KL to the base
+    policy per token, log-prob gain of the best answer), for trained methods."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, (ax, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4))
     if curve:
         ax.step([c for c, _ in curve], [r for _, r in curve], where="post")
-    ax.set_xlabel("oracle calls")
-    ax.set_ylabel("best reward so far")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
+    ax.set(xlabel="oracle calls", ylabel="best reward so far", title=title)
+    steps = [m["step"] for m in metrics]
+    for key, label in (("on_policy_reward", "on-policy mean reward"), ("failed_share", "share failed to parse"),
+                       ("repeat_share", "share only repeating known candidates")):
+        pts = [(s, m.get(key)) for s, m in zip(steps, metrics) if m.get(key) is not None]
+        if pts:
+            ax2.plot(*zip(*pts), marker=".", label=label)
+    ax2.set(xlabel="step", title="what the policy samples")
+    if ax2.lines:
+        ax2.legend(fontsize=8)
+    kl = [(s, m["kl"]) for s, m in zip(steps, metrics) if m.get("kl") is not None]
+    gain = [(s, m["best_logp_gain"]) for s, m in zip(steps, metrics) if m.get("best_logp_gain") is not None]
+    if kl:
+        ax3.plot(*zip(*kl), marker=".", color="C3", label="KL(policy || base) per token")
+        ax3.set_ylabel("KL per token", color="C3")
+        twin = ax3.twinx()
+        if gain:
+            twin.plot(*zip(*gain), marker=".", color="C4", label="log-prob gain of the best answer")
+        twin.set_ylabel("log p(best answer) gain, nats", color="C4")
+    else:
+        ax3.text(0.5, 0.5, "no training: nothing moves", ha="center", va="center", transform=ax3.transAxes)
+    ax3.set(xlabel="step", title="how far training moved the policy")
+    for a in (ax, ax2, ax3):
+        a.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from database import Row
+from diagnostics import adapter_change, policy_movement
 from grpo import Member
 from tasks import Score
 
@@ -66,7 +67,7 @@ class SearchConfig:
 
 
 class Search:
-    def __init__(self, cfg: SearchConfig, task, tokenizer, sampler, db, learner=None, seed=0):
+    def __init__(self, cfg: SearchConfig, task, tokenizer, sampler, db, learner=None, seed=0, diagnose=True):
         self.cfg, self.task, self.tok, self.sampler, self.db, self.learner = cfg, task, tokenizer, sampler, db, learner
         a, b, g, self.ns_kind, self.trains = cfg.composition()
         self.alpha, self.beta, self.gamma = a, b, g
@@ -78,6 +79,7 @@ class Search:
         self.idle_steps = 0
         self.zero_spread_steps = 0
         self.solved = False
+        self.diagnose = diagnose  # learning diagnostics of trained steps (diagnostics.py)
 
     def encode(self, messages):
         """Prompt ids: the chat template, then the task's answer prefix (the model continues from there)."""
@@ -98,9 +100,10 @@ class Search:
 
     # ------------------------------------------------------------ scoring
 
-    def score(self, completions, sources, step, early=None, oracle=True) -> list[float | None]:
+    def score(self, completions, sources, step, early=None, oracle=True):
         """Parse and score completions (texts, token ids) in order; store what is new. Returns each
-        completion's reward: max over its candidates, 0 without any, None if the budget ran out first.
+        completion's reward (max over its candidates, 0 without any, None if the budget ran out first), the
+        number of oracle calls, and each completion's kind ("new", "repeat": only known candidates, "failed").
         `early` holds scores of candidates already sent to the oracle while sampling (EarlyRewards).
         oracle=False: what is scored is given, not searched (the warm start), and costs no budget."""
         # Text that is not valid UTF-8 (lone surrogates from a user's task) cannot be stored: replace it first.
@@ -126,12 +129,14 @@ class Search:
         if rows:
             self.db.add(rows)
         self.solved = self.solved or any(self.task.solved(s) for s in scores.values())
-        rewards = []
+        rewards, kinds = [], []  # kind: "failed" (nothing valid), "repeat" (only known candidates), "new"
         for p in parsed:
             got = [scores[c].reward if c in scores else known[c].reward for c in p.candidates
                    if c in scores or c in known]
             rewards.append(max(got) if got else (0.0 if not p.candidates else None))
-        return rewards, len(scores)
+            kinds.append("failed" if not p.candidates else "repeat" if all(c in known for c in p.candidates)
+                         else "new")
+        return rewards, len(scores), kinds
 
     def warm_start(self):
         """Score the task's warm-start candidates once, before the first step. As in the reference, which
@@ -169,7 +174,8 @@ class Search:
                                      on_finish=early.submit if early else None,
                                      generator=self.gen) if prompts else []
         t_sample = time.perf_counter()
-        rewards, new_calls = self.score([(prefix + o.text, o.ids) for o in outs], db_sources, self.step_idx, early)
+        rewards, new_calls, kinds = self.score([(prefix + o.text, o.ids) for o in outs], db_sources, self.step_idx,
+                                               early)
         t_reward = time.perf_counter()
         members = [Member(src, o.ids, r, prefix + o.text, o.logprobs) for src, o, r in zip(sources, outs, rewards)
                    if r is not None]  # None: budget ran out before this completion was scored
@@ -177,11 +183,20 @@ class Search:
         stats = {}
         if self.trains and len(members) > 1:
             stats = self.learner.step(self.task_prompt, members)
+        t_train = time.perf_counter()
         self.idle_steps = 0 if new_calls else self.idle_steps + 1
         best = self.db.best()
         group = [m.reward for m in members]
         zero_spread = len(set(group)) <= 1
         self.zero_spread_steps += zero_spread
+        on_policy = [m.reward for m in members if m.source == "on-policy"]
+        diag = {"on_policy_reward": sum(on_policy) / len(on_policy) if on_policy else None,
+                "failed_share": round(kinds.count("failed") / len(outs), 4) if outs else None,
+                "repeat_share": round(kinds.count("repeat") / len(outs), 4) if outs else None}
+        if self.trains and self.diagnose:
+            diag.update(policy_movement(self.learner, self.task_prompt, [m.completion_ids for m in members],
+                                        best.completion_ids if best else None))
+            diag["dw_rel"] = adapter_change(self.learner.model)
         return {"step": self.step_idx, "oracle_calls": self.db.oracle_calls(), "new_calls": new_calls,
                 "best_reward": best.reward if best else None,
                 "group_reward_mean": sum(group) / len(group) if group else None,
@@ -191,9 +206,10 @@ class Search:
                 "loss": stats.get("loss"), "grad_norm": stats.get("grad_norm"),
                 "zero_spread": zero_spread, "zero_spread_share": round(self.zero_spread_steps / self.step_idx, 4),
                 "train_skipped": stats.get("skipped"),
+                "lr": stats.get("lr"), **diag,
                 "seconds": round(time.perf_counter() - t0, 3), "sample_seconds": round(t_sample - t0, 3),
-                "reward_seconds": round(t_reward - t_sample, 3),
-                "train_seconds": round(time.perf_counter() - t_reward, 3)}
+                "reward_seconds": round(t_reward - t_sample, 3), "train_seconds": round(t_train - t_reward, 3),
+                "diagnostics_seconds": round(time.perf_counter() - t_train, 3)}
 
     def ns_prompt(self) -> list[int] | None:
         """Token ids of this step's neighbourhood (or OPRO) prompt, None while the database is empty. As in the

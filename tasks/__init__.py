@@ -134,6 +134,11 @@ class Task:
         best = max((s.reward for _, s in scored), default=0.0)
         return {"best_reward": best, "solved": any(self.solved(s) for _, s in scored)}
 
+    def describe(self, final: dict) -> str:
+        """One line in plain words for the user, from evaluate()'s result: what the search found."""
+        return (f"The best candidate scored {final.get('best_reward', 0.0):.3f} of {self.reward_range[1]:g}; "
+                f"the problem was {'solved' if final.get('solved') else 'not solved'}.")
+
     def close(self):
         """Release pools and processes."""
 

@@ -251,6 +251,17 @@ class ARC(Task):
                 "task_solved": all(t["solved"] for t in tests), "tests": tests,
                 "programs": len(scored), "programs_run": ran, "run_share": round(ran / max(len(scored), 1), 4)}
 
+    def describe(self, final):
+        if not final["programs"]:
+            return "No program was written."
+        runs = f"{final['programs_run']} of {final['programs']} programs ran without an error"
+        if not final["solved"]:
+            return (f"The best program gets {final['best_reward']:.0%} of the training cells right (none is right on "
+                    f"every training pair, so there is no test answer); {runs}.")
+        return (f"{final['train_perfect_programs']} program(s) are right on every training pair; their majority "
+                f"answer {'solves' if final['task_solved'] else 'does not solve'} the test (pass@2 "
+                f"{final['pass@2']:.2f}); {runs}.")
+
     @property
     def box(self):
         if self._box is None:  # lazily: building prompts needs no processes

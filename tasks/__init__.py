@@ -143,8 +143,10 @@ class Task:
         """Release pools and processes."""
 
 
-def load_task(name: str, task_id: str | None = None, seed: int = 0) -> Task:
-    """A task by module name in tasks/ ("arc", "semantle", ...) or by the path of any .py file defining TASK."""
+def load_task(name: str, task_id: str | None = None, seed: int = 0, options: dict | None = None) -> Task:
+    """A task by module name in tasks/ ("arc", "semantle", ...) or by the path of any .py file defining TASK.
+    `options` are the task's own keyword arguments (run.py --task-option KEY=VALUE)."""
+    options = options or {}
     if name.endswith(".py"):
         if not os.path.isfile(name):
             raise TaskError(f"task file '{name}' does not exist")
@@ -153,7 +155,7 @@ def load_task(name: str, task_id: str | None = None, seed: int = 0) -> Task:
         spec.loader.exec_module(mod)
         if not hasattr(mod, "TASK"):
             raise TaskError(f"{name} defines no TASK (a subclass of tasks.Task)")
-        return mod.TASK(task_id, seed=seed)
+        return _build(mod.TASK, task_id, seed, options)
     module = ALIASES.get(name, name)
     try:
         mod = importlib.import_module(f"tasks.{module}")
@@ -161,7 +163,16 @@ def load_task(name: str, task_id: str | None = None, seed: int = 0) -> Task:
         if e.name != f"tasks.{module}":
             raise  # the task exists but one of its imports is missing
         raise TaskError(f"unknown task '{name}'; available: {', '.join(available())}, or a path to a .py file") from None
-    return mod.TASK(task_id, seed=seed)
+    return _build(mod.TASK, task_id, seed, options)
+
+
+def _build(cls, task_id, seed, options):
+    try:
+        return cls(task_id, seed=seed, **options)
+    except TypeError as e:
+        if options and "unexpected keyword" in str(e):
+            raise TaskError(f"task {cls.name} has no option {str(e).split()[-1]}") from None
+        raise
 
 
 def available() -> list[str]:

@@ -22,11 +22,13 @@ Worked example (target "computer", the default):
 import json
 import random
 import re
+from dataclasses import replace
 
 from tasks import Parsed, Preset, Score, Task, TaskError
 
 PAPER_TARGETS = ["airbase", "birthstone", "cement", "computer", "filament", "machetes", "meatloaf", "mob",
                  "polyethylene", "skillet"]
+TUNING_TARGETS = ["apple", "river", "chair", "doctor", "garden", "music", "window", "bread", "ocean", "teacher"]
 DEFAULT_TARGET = "computer"  # a paper target, and a common word a small model can plausibly reach
 SENTENCE = "What is a {}?"  # the paper's template for both target and guess
 WORD = re.compile(r"[a-z]{2,30}")
@@ -34,6 +36,7 @@ INNER_LIST = re.compile(r"\[[^\[\]]*\]")  # innermost bracketed span: tolerates 
 STRIP = " \t\r\n.,;:!?'\"`*"  # punctuation a model wraps around a word ("laptop." or 'laptop')
 NEAR_ONE = 1.0 - 1e-6  # ceiling for non-exact guesses: reward 1.0 is reserved for the target itself
 WARM_START = 20  # guesses scored before step 1, as the reference seeded its database
+WORDS_PER_STEP = 10  # the reference's Semantle step: gamma = 10 words
 MAX_REASONS = 3  # keep Parsed.error one readable line when a model emits a long list of junk
 
 
@@ -48,7 +51,13 @@ class Semantle(Task):
     stop_strings = ("]",)  # the answer is complete once its list closes; the sampler keeps the ']'
     answer_prefix = '["'  # [ours] starting the list for the model: 10/16 parsable answers from SmolLM2, not 4/16
 
-    def __init__(self, task_id=None, seed=0):
+    def __init__(self, task_id=None, seed=0, words=2):
+        if words not in (1, 2, 5, 10):
+            raise TaskError(f"semantle option words (per completion) must divide the 10 words of a step: 1, 2, 5 "
+                            f"or 10, got {words!r}")
+        # [ours] K words per completion, 10 // K completions a step: the same 10 words a step either way.
+        self.words_per_completion = words
+        self.preset = replace(Semantle.preset, gamma=WORDS_PER_STEP // words)
         target = (task_id or DEFAULT_TARGET).strip().lower()
         if not WORD.fullmatch(target):
             raise TaskError(f"semantle task id must be one word of 2-30 letters a-z (e.g. '{DEFAULT_TARGET}' "
@@ -58,7 +67,9 @@ class Semantle(Task):
 
     @classmethod
     def named_sets(cls):
-        return {"paper": list(PAPER_TARGETS)}
+        # "tuning": [ours] everyday nouns, disjoint from the paper's ten, for choosing the cpu preset; results
+        # are reported on "paper", which no tuning touched.
+        return {"paper": list(PAPER_TARGETS), "tuning": list(TUNING_TARGETS)}
 
     # --- prompts: short, because the default model is SmolLM2-135M-Instruct ---
     # [ours] What varies (the anchor, the history) comes last, so every prompt of a step shares the rest and

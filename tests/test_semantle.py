@@ -67,10 +67,20 @@ def test_parse_records_why_and_never_raises(task):
 def test_task_ids():
     assert load_task("semantle").task_id == "computer"
     assert load_task("semantle", "Skillet").task_id == "skillet"
-    assert Semantle.named_sets() == {"paper": PAPER_TARGETS} and len(PAPER_TARGETS) == 10
+    sets = Semantle.named_sets()
+    assert sets["paper"] == PAPER_TARGETS and len(PAPER_TARGETS) == 10
+    assert len(sets["tuning"]) == 10 and not set(sets["tuning"]) & set(PAPER_TARGETS), "tune on other words"
     for bad in ["two words", "c3po", "x", "naïve", "-"]:
         with pytest.raises(TaskError, match="one word of 2-30 letters"):
             load_task("semantle", bad)
+
+
+def test_one_word_per_completion_keeps_ten_words_a_step():
+    one = load_task("semantle", "computer", options={"words": 1})
+    assert one.preset.gamma == 10 and one.parse('["laptop", "mouse"]').candidates == ["laptop"]
+    assert "exactly 1 new English word " in one.prompt()[0]["content"]
+    with pytest.raises(TaskError, match="divide the 10 words"):
+        load_task("semantle", "computer", options={"words": 3})
 
 
 def test_preset_counts_completions():

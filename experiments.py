@@ -29,13 +29,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def expand(spec: str) -> tuple[str, list]:
     """'semantle:paper' -> ('semantle', [ten targets]); 'molecule:similarity:aspirin,qed' -> two ids."""
-    from tasks import ALIASES, load_task
-    import importlib
+    from tasks import load_task
     task, _, ids = spec.partition(":")
     if not ids:
         return task, [None]
-    mod = importlib.import_module(f"tasks.{ALIASES.get(task, task)}")
-    named = mod.TASK.named_sets()
+    named = type(load_task(task)).named_sets()  # a module in tasks/ or a task file given by path
     if ids in named:
         return task, list(named[ids])
     return task, ids.split(",")
@@ -90,12 +88,50 @@ def load_runs(out):
             s = json.load(f)
         with open(os.path.join(folder, "config.json")) as f:
             s["label"] = json.load(f).get("label") or s["method"]
-        from database import Database
-        db = Database(os.path.join(folder, "candidates.sqlite"))
-        s["curve"] = db.curve()
-        db.close()
+        if "curve" not in s:  # runs from before summary.json carried its curve
+            from database import Database
+            db = Database(os.path.join(folder, "candidates.sqlite"))
+            s["curve"] = db.curve()
+            db.close()
+        metrics = os.path.join(folder, "metrics.jsonl")
+        with open(metrics) if os.path.exists(metrics) else open(os.devnull) as f:
+            s["metrics"] = [json.loads(line) for line in f if line.strip()]
         runs.append(s)
     return runs
+
+
+def rise(run):
+    """Does training move the policy toward better answers? The on-policy members' mean reward over the last
+    third of a run's steps minus over its first third (None with fewer than 3 steps that sampled on-policy)."""
+    ys = [m["on_policy_reward"] for m in run["metrics"] if m.get("on_policy_reward") is not None]
+    if len(ys) < 3:
+        return None
+    k = len(ys) // 3
+    return sum(ys[-k:]) / k - sum(ys[:k]) / k
+
+
+def paired_ci(pairs, n=4000, seed=0):
+    """Mean difference a - b over matched (a, b) pairs and its 95% paired-bootstrap interval."""
+    return bootstrap_ci([a - b for a, b in pairs if a is not None and b is not None], n, seed)
+
+
+def paired_rows(rs, labels, against, metrics):
+    """Table rows: each label minus each `against` label on the same (problem, seed), per metric."""
+    key = lambda r: (r["task_id"], r["seed"])
+    by = {lab: {key(r): r for r in rs if r["label"] == lab} for lab in labels}
+    lines = []
+    for ref in [a for a in against if a in by]:
+        for lab in labels:
+            if lab == ref:
+                continue
+            common = sorted(set(by[lab]) & set(by[ref]))
+            cells = []
+            for _, fn, digits in metrics:
+                ci = paired_ci([(fn(by[lab][k]), fn(by[ref][k])) for k in common])
+                sign = "" if ci[0] is None or ci[1] <= 0 <= ci[2] else " *"
+                cells.append(fmt(ci, digits) + sign)
+            lines.append(f"| {lab} − {ref} | {len(common)} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def calls_to_solve(run):
@@ -106,7 +142,7 @@ def calls_to_solve(run):
     return next((c for c, r in run["curve"] if r >= best), run["oracle_calls"])
 
 
-def report(out, methods_order=None):
+def report(out, methods_order=None, against=("random", "grpo")):
     runs = load_runs(out)
     if not runs:
         return "no finished runs"
@@ -121,8 +157,9 @@ def report(out, methods_order=None):
         seeds = sorted({r["seed"] for r in rs})
         budget = max(r["budget"] for r in rs)
         lines += [f"### {task}: {len(problems)} problem(s) x {len(seeds)} seed(s), budget {budget} oracle calls", "",
-                  "| method | runs | solve rate | best reward | oracle calls to solve | oracle calls used | wall s / run |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| method | runs | solve rate | best reward | oracle calls to solve (solved runs) | unsolved "
+                  "| oracle calls used | on-policy reward rise | wall s / run |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for lab in labels:
             sel = [r for r in rs if r["label"] == lab]
             solve = bootstrap_ci([float(r["solved"]) for r in sel])
@@ -130,16 +167,31 @@ def report(out, methods_order=None):
             calls = bootstrap_ci([calls_to_solve(r) for r in sel])
             used = bootstrap_ci([r["oracle_calls"] for r in sel])  # < budget: stopped by --patience or solved
             wall = sum(r["wall_seconds"] for r in sel) / len(sel)
-            lines.append(f"| {lab} | {len(sel)} | {fmt(solve, 2)} | {fmt(best)} | {fmt(calls, 0)} | {fmt(used, 0)} "
-                         f"| {wall:.0f} |")
+            unsolved = sum(not r["solved"] for r in sel)
+            lines.append(f"| {lab} | {len(sel)} | {fmt(solve, 2)} | {fmt(best)} | {fmt(calls, 0)} | {unsolved} "
+                         f"| {fmt(used, 0)} | {fmt(bootstrap_ci([rise(r) for r in sel]))} | {wall:.0f} |")
+        metrics = [("best reward", lambda r: r["best_reward"], 3), ("solved", lambda r: float(r["solved"]), 2),
+                   ("on-policy rise", rise, 3)]
         if task == "arc":
-            lines += ["", "| method | pass@2 (mean over runs) | best train reward |", "|---|---|---|"]
+            metrics.append(("pass@2", lambda r: r["final"].get("pass@2", 0.0), 2))
+        paired = paired_rows(rs, labels, against or [], metrics)
+        if paired:
+            lines += ["", "Paired differences on the same (problem, seed), mean [95% paired bootstrap CI]; * where "
+                      "the interval excludes 0:", "",
+                      "| difference | pairs | " + " | ".join(m for m, _, _ in metrics) + " |",
+                      "|---|---|" + "---|" * len(metrics), *paired]
+        if task == "arc":
+            lines += ["", "| method | pass@2 (mean over runs) | best train reward | share of programs that run |",
+                      "|---|---|---|---|"]
             for lab in labels:
                 sel = [r for r in rs if r["label"] == lab]
                 p2 = bootstrap_ci([r["final"].get("pass@2", 0.0) for r in sel])
-                lines.append(f"| {lab} | {fmt(p2, 2)} | {fmt(bootstrap_ci([r['best_reward'] for r in sel]))} |")
+                ran = bootstrap_ci([r["final"].get("run_share") for r in sel])
+                lines.append(f"| {lab} | {fmt(p2, 2)} | {fmt(bootstrap_ci([r['best_reward'] for r in sel]))} "
+                             f"| {fmt(ran)} |")
         lines.append("")
         plot_task(out, task, rs, labels, budget)
+        plot_learning(out, task, rs, labels)
     text = "\n".join(lines)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(text + "\n")
@@ -174,6 +226,33 @@ def plot_task(out, task, runs, labels, budget):
     plt.close(fig)
 
 
+def plot_learning(out, task, runs, labels):
+    """On-policy mean reward against step (mean over runs, 95% band), per method: does training move the
+    policy toward better answers? Beside it, KL to the base policy per token for the trained methods."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for lab in labels:
+        for axis, key in ((ax, "on_policy_reward"), (ax2, "kl")):
+            series = [[m.get(key) for m in r["metrics"]] for r in runs if r["label"] == lab]
+            steps = max((len(s) for s in series), default=0)
+            cols = [[s[i] for s in series if i < len(s) and s[i] is not None] for i in range(steps)]
+            pts = [(i + 1, bootstrap_ci(c, n=400)) for i, c in enumerate(cols) if len(c) >= max(2, len(series) // 2)]
+            if pts:
+                axis.plot([x for x, _ in pts], [c[0] for _, c in pts], label=lab)
+                axis.fill_between([x for x, _ in pts], [c[1] for _, c in pts], [c[2] for _, c in pts], alpha=0.15)
+    ax.set(xlabel="step", ylabel="on-policy mean reward (mean over runs)", title=f"{task}: what the policy samples")
+    ax2.set(xlabel="step", ylabel="KL(policy || base) per token", title=f"{task}: how far training moved it")
+    for a in (ax, ax2):
+        a.grid(alpha=0.3)
+        if a.lines:
+            a.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, f"{task}-learning.png"), dpi=110)
+    plt.close(fig)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", nargs="+", required=True, help="task specs: task, task:id,id or task:<named set>")
@@ -185,6 +264,8 @@ def main():
     ap.add_argument("--jobs", type=int, default=os.cpu_count(), help="runs in parallel, one core each")
     ap.add_argument("--out", required=True, help="experiment folder")
     ap.add_argument("--report-only", action="store_true", help="only aggregate the runs already finished")
+    ap.add_argument("--against", nargs="*", default=["random", "grpo"],
+                    help="labels every other method is compared with, paired on (problem, seed)")
     ap.add_argument("extra", nargs=argparse.REMAINDER, help="after --: flags passed to every run.py")
     args = ap.parse_args()
     extra = [a for a in args.extra if a != "--"]
@@ -207,7 +288,7 @@ def main():
                 state = "ok" if rc == 0 else f"FAILED (exit {rc}, see {folder}.log)"
                 print(f"[{i}/{len(jobs)}] {os.path.basename(folder)} {secs:.0f} s {state} "
                       f"({time.time() - t0:.0f} s so far)", file=sys.stderr, flush=True)
-    print(report(args.out, args.methods))
+    print(report(args.out, args.methods, args.against))
 
 
 if __name__ == "__main__":

@@ -305,12 +305,20 @@ def summarise(cfg, task, db, search, reason, wall):
             "best_reward": best.reward if best else None, "best_candidate": best.key if best else None,
             "solved": search.solved, "oracle_calls": db.oracle_calls(), "budget": cfg["budget"],
             "steps": search.step_idx, "wall_seconds": round(wall, 1), "prompt_tokens": len(search.task_prompt),
+            "curve": compact_curve(db.curve()),
             "final": task.evaluate([(r.key, Score(r.reward, r.info)) for r in scored])}
 
 
 def read_metrics(path) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def compact_curve(curve):
+    """(oracle calls, best so far) only where the best changes, and the last point: the curve at any call
+    count follows from it (experiments.py rebuilds its tables and plots from summary.json alone)."""
+    out = [c for i, c in enumerate(curve) if i == 0 or c[1] != curve[i - 1][1]]
+    return out + ([curve[-1]] if curve and out[-1] != curve[-1] else [])
 
 
 def plot(curve, metrics, path, title):

@@ -80,3 +80,27 @@ def test_finished_runs_are_skipped_and_an_unfinished_one_is_resumed(done):
     # the harness logs "[i/N] <run> <seconds> s ok": only the unfinished run took any time
     secs = {m[0]: int(m[1]) for m in re.findall(r"\] (\S+) (\d+) s ok", r.stderr)}
     assert len(secs) == 8 and [n for n, s in secs.items() if s > 0] == [victim], secs
+
+
+def test_paired_differences_and_a_report_from_what_git_keeps(done, tmp_path):
+    import shutil
+    out, _ = done
+    text = (out / "results.md").read_text()
+    cells = table_row(text, "grpo − random")
+    assert cells[1] == "4", "4 (problem, seed) pairs"
+    s = list(summaries(out).values())
+    key = lambda v: (v["task_id"], v["seed"])
+    grpo = {key(v): v["best_reward"] for v in s if v["method"] == "grpo"}
+    rand = {key(v): v["best_reward"] for v in s if v["method"] == "random"}
+    want = sum(grpo[k] - rand[k] for k in grpo) / 4
+    assert abs(float(cells[2].split()[0]) - want) < 1e-3, (cells, want)
+    assert (out / "toy-learning.png").stat().st_size > 1000
+    # What results/experiments/ keeps in git (config, summary, metrics) rebuilds the same tables.
+    kept = tmp_path / "kept"
+    shutil.copytree(out, kept, ignore=shutil.ignore_patterns("candidates.sqlite*", "checkpoint.pt*", "adapter*",
+                                                               ".adapter*", "*.log", "reward_curve.png", "*.png",
+                                                               "results.md"))
+    r = subprocess.run([sys.executable, "experiments.py", *ARGS, "--out", str(kept), "--report-only"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (kept / "results.md").read_text() == text

@@ -1,6 +1,7 @@
 """Benchmarks, printed as JSON: our code against its peer on the same weights in the same run.
 
-  python bench.py sample   # tokens/s of our sampler vs transformers' generate, batch 1/8/16
+  python bench.py sample   # tokens/s of our sampler (float32, and int8 weights) vs transformers' generate,
+                           # batch 1/8/16, beside this machine's bandwidth and product-rate limits
   python bench.py grpo     # seconds per GRPO iteration vs TRL's GRPOTrainer (see grpo section)
   python bench.py gpu      # CUDA, bf16, random weights of real shapes: decode vs transformers, roofline,
                            # one ARC-sized GRPO iteration (needs a GPU; not run on the CPU machines)
@@ -23,8 +24,44 @@ PROMPT = "Write a short story about a robot who learns to paint."  # 42 tokens o
 
 
 def machine():
-    return {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+    """The CPU by name and instruction set (figures differ by CPU: they are written beside it)."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": name, "isa": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version()}
+
+
+def limits(model, batches, kernel):
+    """This machine's own limits for decoding this model, measured here: read bandwidth (a 1 GB sum) and the
+    best float32 product rate (the model's head on 1024 rows, with the sampler's kernel), as the tokens/s they
+    allow: a step reads every weight once and does 2 flops per weight and row."""
+    from packing import KERNELS
+    x = torch.randn(1 << 28)  # 1 GiB
+    x.sum()
+    t = time.perf_counter()
+    for _ in range(3):
+        x.sum()
+    bandwidth = 3 * x.numel() * 4 / (time.perf_counter() - t)
+    del x
+    params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n or
+                 model.config.tie_word_embeddings)  # an untied embedding is only indexed, not read whole
+    k, w = KERNELS[kernel], model.lm_head.weight.detach()
+    xb, packed = torch.randn(1024, w.shape[1]), k.pack(w, None, 1024)
+    k.mm(xb, packed, 1024)
+    t = time.perf_counter()
+    for _ in range(3):
+        k.mm(xb, packed, 1024)
+    flops = 3 * 2 * 1024 * w.numel() / (time.perf_counter() - t)
+    out = {"read_GB_s": round(bandwidth / 1e9, 1), "float32_GFLOP_s": round(flops / 1e9, 1),
+           "weights_GB_float32": round(params * 4 / 1e9, 3)}
+    for b in batches:
+        out[f"batch_{b}_limit_tok_s"] = {"float32": round(min(bandwidth / (params * 4) * b, flops / (2 * params)), 1),
+                                         "int8_bandwidth": round(bandwidth / params * b, 1)}
+    return out
 
 
 def bench_sample(args):
@@ -34,16 +71,19 @@ def bench_sample(args):
     path = args.model or __import__("default_model").default_model_path()
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": PROMPT}]))
-    sampler = Sampler(model, tok)
+    samplers = {w: Sampler(model, tok, weights=w) for w in args.weights}
     rows = []
     for batch in args.batches or [1, 8, 16]:
-        ours, theirs = [], []
+        ours, theirs, kl = {w: [] for w in samplers}, [], None
         for rep in range(args.repeats):
-            g = torch.Generator().manual_seed(rep)
-            t = time.perf_counter()
-            out = sampler.generate([prompt], n=batch, max_new_tokens=args.new_tokens, temperature=1.0,
-                                   stop_ids=(), generator=g)  # never stop early: every row makes N tokens
-            ours.append(sum(len(c.ids) for c in out) / (time.perf_counter() - t))
+            for w, sampler in samplers.items():
+                g = torch.Generator().manual_seed(rep)
+                t = time.perf_counter()
+                out = sampler.generate([prompt], n=batch, max_new_tokens=args.new_tokens, temperature=1.0,
+                                       stop_ids=(), generator=g)  # never stop early: every row makes N tokens
+                ours[w].append(sum(len(c.ids) for c in out) / (time.perf_counter() - t))
+                if w == "int8" and rep == 0:
+                    kl = int8_kl(model, out)
             ids = torch.tensor([prompt] * batch)
             torch.manual_seed(rep)
             t = time.perf_counter()
@@ -52,13 +92,34 @@ def bench_sample(args):
                                   top_k=0, top_p=1.0, max_new_tokens=args.new_tokens,
                                   min_new_tokens=args.new_tokens, pad_token_id=tok.pad_id)
             theirs.append((res.shape[1] - ids.shape[1]) * batch / (time.perf_counter() - t))
-        o, h = max(ours), max(theirs)  # best of repeats for both: the machine's noise only slows things
-        rows.append({"batch": batch, "ours_tok_s": round(o, 1), "transformers_tok_s": round(h, 1),
-                     "ratio": round(o / h, 2)})
-        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    return {"benchmark": "sample", "model": path.rsplit("/", 1)[-1], "dtype": "float32",
-            "prompt_tokens": len(prompt), "new_tokens": args.new_tokens, "repeats": args.repeats,
-            "machine": machine(), "results": rows}
+        h = max(theirs)  # best of repeats for all: the machine's noise only slows things
+        row = {"batch": batch, "transformers_tok_s": round(h, 1)}
+        for w in samplers:
+            row[f"ours_{w}_tok_s"] = round(max(ours[w]), 1)
+            row[f"ratio_{w}"] = round(max(ours[w]) / h, 2)
+        if kl is not None:
+            row["int8_kl_per_token"] = kl
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    kernels = {w: {"kernel": s.packed.kernel, "timed": {str(k): v for k, v in s.packed.choice.items()}}
+               for w, s in samplers.items()}
+    return {"benchmark": "sample", "model": path.rsplit("/", 1)[-1], "prompt_tokens": len(prompt),
+            "new_tokens": args.new_tokens, "repeats": args.repeats, "machine": machine(), "kernels": kernels,
+            "limits": limits(model, args.batches or [1, 8, 16], kernels.get("float32", {}).get("kernel") or "onednn"),
+            "results": rows}
+
+
+@torch.no_grad()
+def int8_kl(model, outs):
+    """KL(int8 policy || float32 policy) per token, estimated on the int8 sampler's own samples: the mean of
+    log p_int8(y) - log p_float32(y) (k1) and of the always-positive k3, with the float32 model's log-probs."""
+    k1, k3, n = 0.0, 0.0, 0
+    for o in outs:
+        x = torch.tensor([o.prompt_ids + o.ids])
+        lp = torch.log_softmax(model(x)[0, len(o.prompt_ids) - 1:-1].float(), -1)
+        d = torch.tensor(o.logprobs) - lp.gather(-1, torch.tensor(o.ids)[:, None])[:, 0]  # log p8 - log p32
+        k1, k3, n = k1 + float(d.sum()), k3 + float((torch.exp(-d) + d - 1).sum()), n + len(o.ids)
+    return {"k1": round(k1 / n, 5), "k3": round(k3 / n, 5)}
 
 
 GRPO_PROMPT = ("Invent a name for a new colour and describe it in one vivid sentence, "
@@ -233,6 +294,8 @@ def main():
     ap.add_argument("--batches", type=int, nargs="+", default=None, help="batch sizes (sample: 1 8 16; gpu: 1 16 64)")
     ap.add_argument("--new-tokens", type=int, default=128, help="tokens generated per row (sample)")
     ap.add_argument("--repeats", type=int, default=2, help="runs per setting; the best is reported")
+    ap.add_argument("--weights", nargs="+", default=["float32", "int8"], choices=["float32", "int8"],
+                    help="sample: our decoder's weight copies (float32: exact; int8: opt-in, changes numerics)")
     ap.add_argument("--group", type=int, default=8, help="completions per group (grpo)")
     ap.add_argument("--iterations", type=int, default=3, help="timed iterations after one warm-up (grpo)")
     args = ap.parse_args()

@@ -1,20 +1,26 @@
-"""CPU decoding on MKL-packed weights: the sampler's copy of the model's float32 matrices, laid out once for the
-batch size it decodes (cblas_sgemm_pack, reached through torch.ops.mkl), and the one-token step that runs on it.
+"""CPU decoding on packed weights: the sampler's copy of the model's matrices, laid out once for the batch size it
+decodes, and the lean one-token step that runs on it.
 
 A decode step of a few rows is a few hundred skinny matrix products, each reading a whole weight matrix, with
-about a thousand small calls between them. MKL's packed sgemm runs the products 1.5-2x faster than the plain
-call on our 2-core Xeon (SmolLM2, 16 rows: 56 vs 81 ms a step). The small calls then cost more than their
-arithmetic: each one that follows a product finds its caches flushed by megabytes of weights and runs about
-twice as slowly as it does warm. So the step here makes as few calls as it can: q|k|v and gate|up are one
-product each, RoPE turns q and k in one call, the cache's slices for the step are cut once for all layers, and
-no module is called. Against the same packed products reached through the modules this decodes SmolLM2 13%
-faster at 16 rows and 22% faster at 8 (172 vs 152 and 115 vs 94 tokens/s, three interleaved runs).
+about a thousand small calls between them. A library's packed product (weights reordered once for a known row
+count) runs them faster than the plain call, and the small calls cost more than their arithmetic: each one that
+follows a product finds its caches flushed by megabytes of weights and runs about twice as slowly as it does
+warm. So the step here makes as few calls as it can: q|k|v and gate|up are one product each, RoPE turns q and
+k in one call, the cache's slices for the step are cut once for all layers, and no module is called.
 
-The math is model.py's (DecoderLayer, Attention, MLP) for one new token per row; tests/test_sampler.py checks that both
-give the same samples and log-probabilities. An enabled LoRA adapter is packed merged, W + scale B A, so the
-policy decodes at the base model's speed.
+Which library packs best depends on the CPU (MKL's packed sgemm on an Intel Xeon, oneDNN's on an AMD EPYC,
+where MKL runs a slower code path), so the float32 kernel is chosen by measurement the first time the sampler
+packs, on the model's own products (`KERNELS`, `PackedDecoder.choice`, printed by `bench.py sample`). The
+int8 kernel (fbgemm: weights quantized per output channel, activations per row batch at run time) reads a
+quarter of the bytes; it changes the numbers, so it is used only when asked (`Sampler(weights="int8")`).
+
+The math is model.py's (DecoderLayer, Attention, MLP) for one new token per row; tests/test_sampler.py checks
+that both give the same samples and log-probabilities (int8: a bounded KL). An enabled LoRA adapter is packed
+merged, W + scale B A, so the policy decodes at the base model's speed.
 """
 import os
+import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -23,23 +29,72 @@ import torch.nn.functional as F
 from lora import LoRALinear
 from model import apply_rope
 
-# Decode batches that run on packs. At 1 row the packed product is no faster (both are a matrix-vector read),
-# but the lean step still saves its calls: batch 1 decodes 15-20% faster (17.5 vs 14.5 tokens/s, SmolLM2).
+# Decode batches that run on packs. At 1 row the packed product is no faster than the plain one (both are a
+# matrix-vector read), but the lean step still saves its calls.
 PACK_ROWS = range(1, 65)
 PACK_MIN = 128  # a matrix narrower than this gains nothing from packing (tiny test models fall back)
+TUNE_BYTES = 96 << 20  # weights timed when choosing a kernel: well past a last-level cache
+
+
+@dataclass
+class Kernel:
+    """One library's packed product: `pack(w (out, in), bias, rows)` lays a weight out once, `mm(x (rows, in),
+    packed, rows)` multiplies by it; `op` is the operator that does the work (tests count its calls)."""
+    name: str
+    available: bool
+    pack: object
+    mm: object
+    op: object
+    bytes_per_weight: int = 4
+
+
+def _mkl_pack(w, bias, rows):
+    # _mkl_linear reads the product's size from a stride-0 (out, in) tensor
+    return torch.ops.mkl._mkl_reorder_linear_weight(w, rows), w.new_zeros(()).expand(w.shape), bias
+
+
+def _int8_pack(w, bias, rows):
+    scale = (w.abs().amax(1) / 127).clamp(min=1e-12).double()  # symmetric, per output channel
+    with warnings.catch_warnings():  # PyTorch marks quantized tensors deprecated; fbgemm's kernel is what we use
+        warnings.simplefilter("ignore", UserWarning)
+        q = torch.quantize_per_channel(w, scale, torch.zeros(w.shape[0], dtype=torch.long), 0, torch.qint8)
+    return torch.ops.quantized.linear_prepack(q, bias)
+
+
+def _quantized_engine():
+    engines = torch.backends.quantized.supported_engines
+    return next((e for e in ("x86", "fbgemm") if e in engines), None)
+
+
+KERNELS = {
+    "mkl": Kernel("mkl", torch.backends.mkl.is_available(), _mkl_pack,
+                  lambda x, p, rows: torch.ops.mkl._mkl_linear(x, p[0], p[1], p[2], rows),
+                  torch.ops.mkl._mkl_linear.default),
+    "onednn": Kernel("onednn", torch.backends.mkldnn.is_available(),
+                     lambda w, bias, rows: (torch.ops.mkldnn._reorder_linear_weight(w, rows), bias),
+                     lambda x, p, rows: torch.ops.mkldnn._linear_pointwise(x, p[0], p[1], "none", [], ""),
+                     torch.ops.mkldnn._linear_pointwise.default),
+    # reduce_range: 7-bit activations, so AVX2's 16-bit pairwise sums of u8 x s8 products cannot saturate
+    "int8": Kernel("int8", _quantized_engine() is not None, _int8_pack,
+                   lambda x, p, rows: torch.ops.quantized.linear_dynamic(x, p, True),
+                   torch.ops.quantized.linear_dynamic.default, bytes_per_weight=1),
+}
+KERNELS["mm"] = Kernel("mm", True, lambda w, bias, rows: (w.contiguous(), bias),
+                      lambda x, p, rows: _mm_plain(x, p[0], p[1]), torch.ops.aten.mm.default)
+FLOAT32_KERNELS = ("mkl", "onednn", "mm")
+
+
+def _mm_plain(x, w, bias):
+    """W @ x^T, back to row-major: the unpacked product, the fastest for few rows on some CPUs."""
+    y = torch.mm(w, x.t()).t().contiguous()
+    return y if bias is None else y + bias
 
 
 @dataclass
 class Pack:
-    packed: torch.Tensor  # MKL's opaque layout of W (out, in) for `rows` rows
-    shape: torch.Tensor  # a stride-0 (out, in) tensor: _mkl_linear reads the product's size from it
-    bias: torch.Tensor | None
+    kernel: str
+    packed: object  # the kernel's layout of W (out, in) [and bias] for `rows` rows
     deps: list  # (tensor, version) of every tensor W and b were made from: the pack is current while all match
-
-
-def _mm(x, pack, rows):
-    """x (rows, in) -> x W^T + b (rows, out) on a pack."""
-    return torch.ops.mkl._mkl_linear(x, pack.packed, pack.shape, pack.bias, rows)
 
 
 def _base(mod):
@@ -57,6 +112,18 @@ def _source(mod):
     return (lambda: base.weight), base.bias, deps
 
 
+def _stacked(mods):
+    """The weight (out, in) and bias (out,) or None of projections stacked in output order, and their deps."""
+    srcs = [_source(m) for m in mods]
+    deps = [t for _, _, ts in srcs for t in ts]
+    w = (srcs[0][0]() if len(srcs) == 1 else torch.cat([make() for make, _, _ in srcs])).detach()
+    bias = None
+    if any(b is not None for _, b, _ in srcs):  # a part without a bias adds zeros
+        bias = torch.cat([b if b is not None else w.new_zeros(_base(mod).out_features)
+                          for (_, b, _), mod in zip(srcs, mods)]).detach()
+    return w, bias, deps
+
+
 def _norm(x, norm):
     """model.RMSNorm's float32 path."""
     return F.rms_norm(x, norm.weight.shape, norm.weight, norm.eps)
@@ -65,13 +132,22 @@ def _norm(x, norm):
 class PackedDecoder:
     """The packed copy of a model's projections for decoding exactly `rows` rows on a CPU, and its step.
 
-    The copy costs memory (one more float32 copy of the weights) and 0.4 s to build for SmolLM2, so it is kept
-    across calls and rebuilt only for a new row count or when a weight it was made of was replaced or changed
-    in place (an optimiser step on the adapter): the tensor and its version counter are checked on every
-    `prepare`. The model itself never carries a pack: training, state_dict and deepcopy never see one."""
+    The copy costs memory (one more copy of the weights; a quarter of it in int8) and time to build (0.4 s for
+    SmolLM2), so it is kept across calls and rebuilt only for a new row count or when a weight it was made of
+    was replaced or changed in place (an optimiser step on the adapter: only the products holding q and v are
+    rebuilt): the tensor and its version counter are checked on every `prepare`. The model itself never
+    carries a pack: training, state_dict and deepcopy never see one.
 
-    def __init__(self, model):
-        self.model, self.rows, self.packs = model, None, {}
+    weights: "float32" (the model's own numbers; the kernel chosen by measurement, or forced with `kernel`)
+    or "int8"."""
+
+    def __init__(self, model, weights="float32", kernel=None):
+        assert weights in ("float32", "int8"), f"packed weights are float32 or int8, not {weights!r}"
+        self.model, self.weights, self.rows, self.packs = model, weights, None, {}
+        self.forced = "int8" if weights == "int8" else kernel
+        assert self.forced is None or self.forced in KERNELS, f"unknown kernel {kernel!r}"
+        self.kernel = None  # kind of product -> the kernel the current packs were made with
+        self.choice = {}  # size class -> ({kind: kernel}, {kernel: {kind: seconds a step}}, rows timed)
         self._fits = None
 
     def _groups(self):
@@ -86,48 +162,91 @@ class PackedDecoder:
 
     @property
     def available(self):
-        """CPU, float32, an MKL build, every product wide enough to gain, and room for the copy: at most half the
-        free memory (a 3B model in float32 is 12 GB, and a second 12 GB would not fit our 24 GB machine)."""
+        """CPU, float32 weights, a kernel this build has, every product wide enough to gain, and room for the
+        copy: at most half the free memory (a 3B model in float32 is 12 GB; a second 12 GB would not fit a
+        24 GB machine)."""
         w = self.model.lm_head.weight
-        if not (w.device.type == "cpu" and w.dtype == torch.float32 and torch.backends.mkl.is_available()):
+        names = [self.forced] if self.forced else FLOAT32_KERNELS
+        if not (w.device.type == "cpu" and w.dtype == torch.float32 and any(KERNELS[k].available for k in names)):
             return False
         if self._fits is None:
             shapes = [(sum(_base(m).out_features for m in mods), _base(mods[0]).in_features)  # (out, in)
                       for _, mods in self._groups()]
             free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-            self._fits = (min(min(s) for s in shapes) >= PACK_MIN
-                          and sum(4 * o * i for o, i in shapes) <= free // 2)
+            per = KERNELS["int8" if self.weights == "int8" else "mkl"].bytes_per_weight
+            self._fits = min(min(s) for s in shapes) >= PACK_MIN and sum(per * o * i for o, i in shapes) <= free // 2
         return self._fits
+
+    @staticmethod
+    def _kind(key):
+        return "head" if key == "head" else key[1]
+
+    def _kernels_for(self, rows) -> dict:
+        """For each kind of product (qkv, o, gate_up, down, head), the float32 kernel that runs it fastest at
+        about `rows` rows on this machine, timed on the model's own head and first layers (enough of them,
+        TUNE_BYTES, that their weights stream from memory as in a real step, not from cache; the layers all
+        have the same shapes). Measured once per size class (1, 2-8, 9-64 rows) at the first count seen in
+        it, well under a second for SmolLM2."""
+        kinds = {"qkv", "o", "gate_up", "down", "head"}
+        if self.forced:
+            return dict.fromkeys(kinds, self.forced)
+        bucket = 1 if rows == 1 else 8 if rows <= 8 else 64
+        if bucket not in self.choice:
+            layers = self.model.model.layers
+            per_layer = sum(p.numel() * 4 for p in layers[0].parameters())
+            k = min(len(layers), max(1, -(-TUNE_BYTES // per_layer)))
+            groups = [(key, mods) for key, mods in self._groups() if key == "head" or key[0] < k]
+            seconds = {}  # kernel -> kind -> seconds for one decode step's products of that kind
+            with torch.no_grad():
+                for name in (n for n in FLOAT32_KERNELS if KERNELS[n].available):
+                    kern = KERNELS[name]
+                    packs = [(key, kern.pack(*_stacked(mods)[:2], rows)) for key, mods in groups]
+                    xs = [torch.randn(rows, _base(mods[0]).in_features) for _, mods in groups]
+                    best = dict.fromkeys(kinds, float("inf"))
+                    for _ in range(4):  # the first pass warms up
+                        spent = dict.fromkeys(kinds, 0.0)
+                        for (key, packed), x in zip(packs, xs):
+                            t = time.perf_counter()
+                            kern.mm(x, packed, rows)
+                            spent[self._kind(key)] += time.perf_counter() - t
+                        best = {kind: min(best[kind], spent[kind]) for kind in kinds}
+                    del packs
+                    seconds[name] = {kind: round(t * (1 if kind == "head" else len(layers) / k), 5)
+                                     for kind, t in best.items()}
+            chosen = {kind: min(seconds, key=lambda n: seconds[n][kind]) for kind in kinds}
+            self.choice[bucket] = (chosen, seconds, rows)
+        return self.choice[bucket][0]
 
     def prepare(self, rows) -> bool:
         """Packs for decoding `rows` rows, reusing the current ones. False (and no packs) when a weight is an
         inference tensor, which has no version counter to tell a stale pack by."""
+        kernels = self._kernels_for(rows)
         old = self.packs if rows == self.rows else {}
         self.packs, self.rows = {}, None  # packs for another row count are freed before new ones are built
         packs = {}
         for key, mods in self._groups():
-            srcs = [_source(m) for m in mods]
-            deps = [t for _, _, ts in srcs for t in ts]
+            deps = [t for m in mods for t in _source(m)[2]]
             if any(t.is_inference() for t in deps):
                 return False
+            kernel = kernels[self._kind(key)]
             p = old.get(key)
-            if p is None or len(p.deps) != len(deps) or any(
+            if p is None or p.kernel != kernel or len(p.deps) != len(deps) or any(
                     t is not d or v != d._version for (t, v), d in zip(p.deps, deps)):
-                w = (srcs[0][0]() if len(srcs) == 1 else torch.cat([make() for make, _, _ in srcs])).detach()
-                bias = None
-                if any(b is not None for _, b, _ in srcs):  # a part without a bias adds zeros
-                    bias = torch.cat([b if b is not None else w.new_zeros(_base(mod).out_features)
-                                      for (_, b, _), mod in zip(srcs, mods)]).detach()
-                p = Pack(torch.ops.mkl._mkl_reorder_linear_weight(w, rows), w.new_zeros(()).expand(w.shape),
-                         bias, [(t, t._version) for t in deps])
+                w, bias, deps = _stacked(mods)
+                p = Pack(kernel, KERNELS[kernel].pack(w, bias, rows), [(t, t._version) for t in deps])
             packs[key] = p
-        self.packs, self.rows = packs, rows
+        self.packs, self.rows, self.kernel = packs, rows, kernels
         return True
 
     def step(self, cache, tok, pos):
         """Logits (B, V) of the next token after tokens tok (B,) at positions pos (B,), B = self.rows = the
         cache's live rows; writes their keys and values into the cache (the caller advances its length)."""
-        m, cfg, P, B = self.model, self.model.config, self.packs, tok.shape[0]
+        m, cfg, B = self.model, self.model.config, tok.shape[0]
+        P = {key: (KERNELS[p.kernel].mm, p.packed) for key, p in self.packs.items()}
+
+        def mm(x, key):
+            f, packed = P[key]
+            return f(x, packed, B)
         H, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         assert B == self.rows == cache.rows, f"packs for {self.rows} rows, {B} tokens, {cache.rows} cache rows"
         cos, sin = m.rope(pos)
@@ -136,15 +255,15 @@ class PackedDecoder:
         x = m.model.embed_tokens(tok)  # (B, C)
         for i, layer in enumerate(m.model.layers):
             attn = layer.self_attn
-            qkv = _mm(_norm(x, layer.input_layernorm), P[i, "qkv"], B)  # (B, (H + 2 Hkv) D)
+            qkv = mm(_norm(x, layer.input_layernorm), (i, "qkv"))  # (B, (H + 2 Hkv) D)
             qk = qkv[:, :(H + Hkv) * D].view(B, H + Hkv, D)
             if hasattr(attn, "q_norm"):  # Qwen3 normalises each head before RoPE
                 qk = torch.cat((attn.q_norm(qk[:, :H]), attn.k_norm(qk[:, H:])), 1)
             qk = apply_rope(qk, cos, sin)  # q and k heads in one call
             y = cache.attend_step(i, views, qk[:, :H], qk[:, H:], qkv[:, (H + Hkv) * D:].view(B, Hkv, D))
-            x = x + _mm(y.reshape(B, H * D), P[i, "o"], B)
-            gu = _mm(_norm(x, layer.post_attention_layernorm), P[i, "gate_up"], B)  # (B, 2I)
+            x = x + mm(y.reshape(B, H * D), (i, "o"))
+            gu = mm(_norm(x, layer.post_attention_layernorm), (i, "gate_up"))  # (B, 2I)
             half = gu.shape[1] // 2
-            x = x + _mm(F.silu(gu[:, :half]) * gu[:, half:], P[i, "down"], B)
-        return _mm(_norm(x, m.model.norm), P["head"], B)
+            x = x + mm(F.silu(gu[:, :half]) * gu[:, half:], (i, "down"))
+        return mm(_norm(x, m.model.norm), "head")
 

@@ -70,9 +70,10 @@ def parser():
                    help="NS members: ratio 1 under the task prompt (paper) or truncated importance weights")
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
     g.add_argument("--activation-checkpointing", action="store_true", help="recompute layers in backward")
-    g.add_argument("--no-diagnostics", action="store_true",
-                   help="skip the learning diagnostics of trained steps (KL to the base policy, log-prob of the "
-                        "best answer, adapter norm); they change nothing but cost a forward pass of the group")
+    g.add_argument("--diagnostics", type=float, default=0.1, metavar="SHARE",
+                   help="the most of the run's time the learning diagnostics of trained steps may take (KL to the "
+                        "base policy, log-prob of the best answer, adapter norm; they change nothing but cost a "
+                        "forward pass of the group): 1 runs them on every step, 0 never")
     g = p.add_argument_group("run folder")
     g.add_argument("--out", default=None, help="run folder (default: runs/<task>-<id>-<method>-s<seed>)")
     g.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a stopped run from its folder")
@@ -127,7 +128,7 @@ def resolve(args) -> dict:
                norm=args.norm, scale_std=args.scale_std, mask_zero_reward=not args.no_zero_mask,
                kl_coef=args.kl_coef, offpolicy=args.offpolicy, max_grad_norm=args.max_grad_norm,
                activation_checkpointing=args.activation_checkpointing, label=args.label, compile=args.compile,
-               diagnostics=not args.no_diagnostics)
+               diagnostics=args.diagnostics)
     if not (args.device == "cpu" or args.device.startswith("cuda")):
         raise UsageError(f"unknown device '{args.device}'; use cpu or cuda (cuda:N for one GPU)")
     cfg["out"] = args.out or os.path.join("runs", f"{args.task}-{task.task_id}-{args.method}-s{args.seed}"
@@ -227,7 +228,7 @@ def run(cfg, resume=False) -> int:
         "method", "alpha", "beta", "gamma", "baseline_alpha", "budget", "max_new_tokens", "temperature",
         "top_k_anchor", "opro_k", "patience") if k in cfg}),
         task, tok, Sampler(model, tok, compile=cfg.get("compile", False)), db, learner, seed=cfg["seed"],
-        diagnose=cfg.get("diagnostics", True))
+        diagnose=cfg.get("diagnostics", 0.1))
     elapsed = 0.0
     metrics_path = os.path.join(out, "metrics.jsonl")
     if resume and os.path.exists(ckpt_path):

@@ -157,8 +157,9 @@ def sampling_logits(logits, temperature, top_k, top_p):
     return logits
 
 
-def sample(logits, temperature, top_k, top_p, generator):
-    """One token per row (B,) and its log-probability (B,) under the sampling distribution.
+def sample(logits, temperature, top_k, top_p, u):
+    """One token per row (B,) and its log-probability (B,) under the sampling distribution, from one uniform
+    number per row, u (B, 1) in [0, 1).
 
     Inverse-CDF sampling with one uniform number per row, in two levels: the row's probability mass summed
     over blocks of CDF_BLOCK tokens, a search among the blocks, then a search inside the chosen block. A
@@ -178,7 +179,7 @@ def sample(logits, temperature, top_k, top_p, generator):
     blocks = w.view(B, nb, CDF_BLOCK)
     mass = blocks.sum(-1)  # (B, nb)
     cum = mass.cumsum(-1)  # (B, nb)
-    u = torch.rand(B, 1, generator=generator, device=w.device) * cum[:, -1:]
+    u = u.to(w.device) * cum[:, -1:]
     # right=True finds the first block (then entry) whose cumulative mass exceeds u, which therefore has mass:
     # a zero-probability token is never chosen. u is kept strictly below each total, which rounding in
     # the products and in the two summation orders could otherwise reach.
@@ -200,11 +201,11 @@ class Sampler:
     and keeps finished rows. On a CPU eager decoding is faster (compiling SmolLM2 takes ~2 minutes there and
     its steps ran slower), so it is off by default; the static path itself is tested on CPU."""
 
-    def __init__(self, model, tokenizer, compile=False):
+    def __init__(self, model, tokenizer, compile=False, weights="float32"):
         self.model, self.tok = model, tokenizer
         self.cache = None
         self.static = compile
-        self.packed = PackedDecoder(model)
+        self.packed = PackedDecoder(model, weights)  # weights="int8": decode on int8 copies (packing.py)
         self._step = None
         if compile:
             mode = "reduce-overhead" if model.lm_head.weight.device.type == "cuda" else "default"
@@ -301,7 +302,10 @@ class Sampler:
         if packed and not (B in PACK_ROWS and max_new > 1 and packed.prepare(B)):
             packed = None
         for step in range(max_new):
-            tok, lp = sample(logits, temperature, top_k, top_p, gen)
+            # One uniform per original row, drawn whether or not the row is still in the batch: a row's
+            # samples do not depend on when finished rows are dropped.
+            u = torch.rand(B, 1, generator=gen)[rows] if temperature != 0 else None
+            tok, lp = sample(logits, temperature, top_k, top_p, u)
             tok_l, lp_l = tok.tolist(), lp.tolist()
             for slot, r in enumerate(rows):
                 if not live[slot]:
@@ -328,13 +332,19 @@ class Sampler:
                 cache.length = s + 1
                 next_pos = next_pos + 1
                 continue
-            if (~live).sum() * 4 >= len(rows):  # drop finished rows: a cache copy, repaid by smaller steps
+            # Drop finished rows once a quarter are done: a cache copy, repaid by smaller steps. On packs, only
+            # when enough steps may remain to repay a repack for the smaller batch; until then the finished
+            # rows ride along in the packed step (its cost hardly depends on a few rows), which is much
+            # cheaper than leaving the packs for the modules.
+            n_live = int(live.sum())
+            repack = packed is not None and n_live in PACK_ROWS and max_new - step > REPACK_STEPS
+            if (len(rows) - n_live) * 4 >= len(rows) and (packed is None or repack):
                 keep = live.nonzero()[:, 0]
                 cache.select_rows(keep.to(device))
                 rows = [rows[i] for i in keep.tolist()]
                 tok, next_pos, live = tok[keep.to(device)], next_pos[keep.to(device)], live[keep]
-                if packed and len(rows) in PACK_ROWS and max_new - step > REPACK_STEPS:
-                    packed.prepare(len(rows))  # 0.4 s for SmolLM2, repaid in ~20 steps
+                if repack:
+                    packed.prepare(len(rows))  # 0.1-0.4 s for SmolLM2, repaid in ~20 steps
             s = cache.length
             cache.bias[:cache.rows, s] = 0.0  # the new token's own slot
             if packed and packed.rows == cache.rows:  # else rows stopped too late to repay a repack

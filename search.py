@@ -67,7 +67,7 @@ class SearchConfig:
 
 
 class Search:
-    def __init__(self, cfg: SearchConfig, task, tokenizer, sampler, db, learner=None, seed=0, diagnose=True):
+    def __init__(self, cfg: SearchConfig, task, tokenizer, sampler, db, learner=None, seed=0, diagnose=0.1):
         self.cfg, self.task, self.tok, self.sampler, self.db, self.learner = cfg, task, tokenizer, sampler, db, learner
         a, b, g, self.ns_kind, self.trains = cfg.composition()
         self.alpha, self.beta, self.gamma = a, b, g
@@ -79,7 +79,8 @@ class Search:
         self.idle_steps = 0
         self.zero_spread_steps = 0
         self.solved = False
-        self.diagnose = diagnose  # learning diagnostics of trained steps (diagnostics.py)
+        self.diagnose = float(diagnose)  # the most of the run's time the learning diagnostics may take
+        self.diag_seconds = self.run_seconds = 0.0
 
     def encode(self, messages):
         """Prompt ids: the chat template, then the task's answer prefix (the model continues from there)."""
@@ -193,10 +194,16 @@ class Search:
         diag = {"on_policy_reward": sum(on_policy) / len(on_policy) if on_policy else None,
                 "failed_share": round(kinds.count("failed") / len(outs), 4) if outs else None,
                 "repeat_share": round(kinds.count("repeat") / len(outs), 4) if outs else None}
-        if self.trains and self.diagnose:
+        # The learning diagnostics cost a forward pass of the group: they run while their share of the run's
+        # time stays within `diagnose` (so on every trained step when 1.0, every few steps at 0.1).
+        spent = time.perf_counter() - t0
+        if self.trains and self.diagnose and self.diag_seconds <= self.diagnose * (self.run_seconds + spent):
+            t_diag = time.perf_counter()
             diag.update(policy_movement(self.learner, self.task_prompt, [m.completion_ids for m in members],
                                         best.completion_ids if best else None))
             diag["dw_rel"] = adapter_change(self.learner.model)
+            self.diag_seconds += time.perf_counter() - t_diag
+        self.run_seconds += time.perf_counter() - t0
         return {"step": self.step_idx, "oracle_calls": self.db.oracle_calls(), "new_calls": new_calls,
                 "best_reward": best.reward if best else None,
                 "group_reward_mean": sum(group) / len(group) if group else None,

@@ -2,7 +2,7 @@
 
   python bench.py sample   # tokens/s of our sampler (float32, and int8 weights) vs transformers' generate,
                            # batch 1/8/16, beside this machine's bandwidth and product-rate limits
-  python bench.py grpo     # seconds per GRPO iteration vs TRL's GRPOTrainer (see grpo section)
+  python bench.py grpo     # seconds per GRPO iteration vs TRL's GRPOTrainer (sampling on float32, and on int8)
   python bench.py gpu      # CUDA, bf16, random weights of real shapes: decode vs transformers, roofline,
                            # one ARC-sized GRPO iteration (needs a GPU; not run on the CPU machines)
 
@@ -10,6 +10,7 @@ Speed is measured, never asserted: nothing here fails on a slow machine. `transf
 are benchmark-only imports (requirements-bench.txt).
 """
 import argparse
+import contextlib
 import json
 import platform
 import sys
@@ -105,7 +106,9 @@ def bench_sample(args):
                for w, s in samplers.items()}
     return {"benchmark": "sample", "model": path.rsplit("/", 1)[-1], "prompt_tokens": len(prompt),
             "new_tokens": args.new_tokens, "repeats": args.repeats, "machine": machine(), "kernels": kernels,
-            "limits": limits(model, args.batches or [1, 8, 16], kernels.get("float32", {}).get("kernel") or "onednn"),
+            "limits": limits(model, args.batches or [1, 8, 16],
+                             (samplers["float32"].packed.kernel or {}).get("head", "onednn") if "float32" in samplers
+                             else "onednn"),
             "results": rows}
 
 
@@ -143,23 +146,27 @@ def bench_grpo(args):
     model, tok = load_model(path)
     inject_lora(model, r=16, alpha=32, targets=("q_proj", "v_proj"))
     learner = Learner(model, GRPOConfig(lr=1e-5, mu=1))
-    sampler = Sampler(model, tok)
     prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": GRPO_PROMPT}]))
-    ours = []
-    for it in range(args.iterations + 1):  # the first is warm-up
-        t = time.perf_counter()
-        outs = sampler.generate([prompt], n=G, max_new_tokens=new, stop_ids=(),
-                                generator=torch.Generator().manual_seed(it))
-        learner.step(prompt, [Member("on-policy", o.ids, toy_reward(o.text)) for o in outs])
-        if it:
-            ours.append(time.perf_counter() - t)
+    ours = {}
+    for weights in args.weights:  # the sampler's weight copies; the learner is float32 either way
+        sampler, ours[weights] = Sampler(model, tok, weights=weights), []
+        for it in range(args.iterations + 1):  # the first is warm-up
+            t = time.perf_counter()
+            outs = sampler.generate([prompt], n=G, max_new_tokens=new, stop_ids=(),
+                                    generator=torch.Generator().manual_seed(it))
+            learner.step(prompt, [Member("on-policy", o.ids, toy_reward(o.text)) for o in outs])
+            if it:
+                ours[weights].append(time.perf_counter() - t)
     trl_times = bench_trl(path, G, new, args.iterations)
-    o, h = min(ours), min(trl_times)
-    return {"benchmark": "grpo_iteration", "model": path.rsplit("/", 1)[-1], "dtype": "float32",
-            "group": G, "prompt_tokens": len(prompt), "new_tokens": new, "lora": "r=16 alpha=32 q_proj,v_proj",
-            "iterations": args.iterations, "machine": machine(),
-            "ours_s_per_iteration": round(o, 2), "trl_s_per_iteration": round(h, 2), "speedup": round(h / o, 2),
-            "ours_all": [round(x, 2) for x in ours], "trl_all": [round(x, 2) for x in trl_times]}
+    h = min(trl_times)
+    out = {"benchmark": "grpo_iteration", "model": path.rsplit("/", 1)[-1], "group": G, "prompt_tokens": len(prompt),
+           "new_tokens": new, "lora": "r=16 alpha=32 q_proj,v_proj", "iterations": args.iterations,
+           "machine": machine(), "trl_s_per_iteration": round(h, 2), "trl_all": [round(x, 2) for x in trl_times]}
+    for w, times in ours.items():
+        out[f"ours_{w}_s_per_iteration"] = round(min(times), 2)
+        out[f"speedup_{w}"] = round(h / min(times), 2)
+        out[f"ours_{w}_all"] = [round(x, 2) for x in times]
+    return out
 
 
 def bench_trl(path, G, new, iterations):
@@ -194,7 +201,8 @@ def bench_trl(path, G, new, iterations):
         trainer = GRPOTrainer(model=hf, reward_funcs=reward, args=cfg, train_dataset=data, processing_class=tok,
                               peft_config=LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"],
                                                      task_type="CAUSAL_LM"), callbacks=[Timer()])
-        trainer.train()
+        with contextlib.redirect_stdout(sys.stderr):  # its log dicts: stdout is for our JSON
+            trainer.train()
     return Timer.times[1:]
 
 
@@ -295,7 +303,7 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=128, help="tokens generated per row (sample)")
     ap.add_argument("--repeats", type=int, default=2, help="runs per setting; the best is reported")
     ap.add_argument("--weights", nargs="+", default=["float32", "int8"], choices=["float32", "int8"],
-                    help="sample: our decoder's weight copies (float32: exact; int8: opt-in, changes numerics)")
+                    help="sample, grpo: our decoder's weight copies (float32: exact; int8: opt-in, changes numerics)")
     ap.add_argument("--group", type=int, default=8, help="completions per group (grpo)")
     ap.add_argument("--iterations", type=int, default=3, help="timed iterations after one warm-up (grpo)")
     args = ap.parse_args()

@@ -110,6 +110,16 @@ def rise(run):
     return sum(ys[-k:]) / k - sum(ys[:k]) / k
 
 
+def last_third(run, key):
+    """Mean of a per-step metric over the last third of a run's steps (None if never logged)."""
+    ys = [m[key] for m in run["metrics"] if m.get(key) is not None]
+    return sum(ys[-max(1, len(ys) // 3):]) / max(1, len(ys) // 3) if ys else None
+
+
+def last(run, key):
+    return next((m[key] for m in reversed(run["metrics"]) if m.get(key) is not None), None)
+
+
 def paired_ci(pairs, n=4000, seed=0):
     """Mean difference a - b over matched (a, b) pairs and its 95% paired-bootstrap interval."""
     return bootstrap_ci([a - b for a, b in pairs if a is not None and b is not None], n, seed)
@@ -170,6 +180,23 @@ def report(out, methods_order=None, against=("random", "grpo")):
             unsolved = sum(not r["solved"] for r in sel)
             lines.append(f"| {lab} | {len(sel)} | {fmt(solve, 2)} | {fmt(best)} | {fmt(calls, 0)} | {unsolved} "
                          f"| {fmt(used, 0)} | {fmt(bootstrap_ci([rise(r) for r in sel]))} | {wall:.0f} |")
+        lines += ["", "What the policy samples and how far training moved it: on-policy mean reward in the first and "
+                  "last third of a run's steps; shares of completions that failed to parse or only repeated known "
+                  "candidates (last third); KL to the base policy per token and the log-prob gain of the best answer "
+                  "at the last diagnosed step (mean over runs):", "",
+                  "| method | on-policy reward, first third | last third | failed share | repeat share | KL | "
+                  "log p(best) gain | steps |", "|---|---|---|---|---|---|---|---|"]
+        for lab in labels:
+            sel = [r for r in rs if r["label"] == lab]
+            first = [sum(ys[:len(ys) // 3]) / (len(ys) // 3) for ys in
+                     ([m["on_policy_reward"] for m in r["metrics"] if m.get("on_policy_reward") is not None]
+                      for r in sel) if len(ys) >= 3]
+            mean = lambda xs: (lambda v: "–" if not v else f"{sum(v) / len(v):.3f}")([x for x in xs if x is not None])
+            lines.append(f"| {lab} | {mean(first)} | {mean(last_third(r, 'on_policy_reward') for r in sel)} "
+                         f"| {mean(last_third(r, 'failed_share') for r in sel)} "
+                         f"| {mean(last_third(r, 'repeat_share') for r in sel)} | {mean(last(r, 'kl') for r in sel)} "
+                         f"| {mean(last(r, 'best_logp_gain') for r in sel)} "
+                         f"| {sum(len(r['metrics']) for r in sel) / len(sel):.0f} |")
         metrics = [("best reward", lambda r: r["best_reward"], 3), ("solved", lambda r: float(r["solved"]), 2),
                    ("on-policy rise", rise, 3)]
         if task == "arc":

@@ -58,9 +58,12 @@ def main():
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                     help="run.py flags for every run, e.g. --extra --lr-schedule constant --task-option words=1")
     ap.add_argument("--label-suffix", default="", help="appended to every grpo label (a variant of the grid)")
+    ap.add_argument("--tasks", default=None,
+                    help="a subset of the tuning set when time is short, e.g. semantle:apple,river (same syntax as experiments.py)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     spec, budget, grid = GRIDS[args.task]
+    spec = args.tasks or spec
     common = ["--tasks", spec, "--seeds", *map(str, args.seeds), "--budget", str(budget), "--out", args.out]
     # The cpu preset runs at a constant learning rate: a run's length is its budget, not a planned step count.
     extra = ["--preset", "cpu", "--lr-schedule", "constant", *args.extra]

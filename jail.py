@@ -70,6 +70,12 @@ def _enter_namespaces(libc, job) -> str | None:
     # what is bound into it below exists for the program, at the same paths as outside.
     new = job["workdir"]
     mount("tmpfs", new, "tmpfs", safe, "size=1m,nr_inodes=4096,mode=755")
+    # /tmp and /proc first: a view path may lie under /tmp (a virtual environment made there), and it is then
+    # bound inside the private /tmp rather than refused.
+    os.mkdir(new + "/tmp", 0o1777)
+    mount("tmpfs", new + "/tmp", "tmpfs", safe, f"size={job['disk_mb']}m,nr_inodes=512,mode=1777")
+    os.mkdir(new + "/proc")
+    mount("proc", new + "/proc", "proc", safe | MS_NOEXEC, "hidepid=2")  # the program sees only its own process
     readonly = []
 
     def bind(path):
@@ -94,10 +100,6 @@ def _enter_namespaces(libc, job) -> str | None:
     for path in readonly:  # a bind mount ignores MS_RDONLY until it is remounted
         hidden = path[len(new):] in view["hide"]  # a tmpfs of ours, not a bind
         mount(None, path, None, MS_REMOUNT | MS_RDONLY | safe | (0 if hidden else MS_BIND))
-    os.mkdir(new + "/tmp", 0o1777)
-    mount("tmpfs", new + "/tmp", "tmpfs", safe, f"size={job['disk_mb']}m,nr_inodes=512,mode=1777")
-    os.mkdir(new + "/proc")
-    mount("proc", new + "/proc", "proc", safe | MS_NOEXEC, "hidepid=2")  # the program sees only its own process
     # Swap roots and detach the old one entirely: no path, fd or mount leads back to the host's files.
     os.chdir(new)
     _libc_call(libc.syscall, SYS_PIVOT_ROOT[os.uname().machine], b".", b".")

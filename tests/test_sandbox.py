@@ -187,6 +187,33 @@ def test_layers_active_here(layers):
         pytest.skip("namespaces refused by this kernel/container: network and /tmp rest on the audit hook")
 
 
+def test_a_view_under_tmp_is_bound_inside_the_private_tmp(layers):
+    """A virtual environment made under /tmp (a CI clone, say) puts numpy's folder there: the child's private /tmp
+    must hold it, and still nothing else of the host's /tmp. (This failed every ARC test of a clone in /tmp.)"""
+    folder = tempfile.mkdtemp(prefix="migrate-view-", dir="/tmp")
+    os.chmod(folder, 0o755)  # readable by the sandbox's uid, as an installed package is
+    try:
+        with open(os.path.join(folder, "grid.json"), "w") as f:
+            f.write("[[7, 8]]")
+        box = sandbox.Sandbox(timeout_s=5, workers=1)
+        try:
+            box.view = dict(box.view, trees=[*box.view["trees"], folder])  # as if a package lived there
+            src = f"import json, numpy\ndef transform(g):\n    return json.load(open('{folder}/grid.json'))\n"
+            res = box.run_one(src, [GRID])
+            assert res.outputs == [[[7, 8]]], res.errors
+            if layers["namespaces"]:  # what the private /tmp holds, seen with the OS layers alone
+                box.audit = False
+                seen = box.run_one("import os\ndef transform(g):\n    return [[len(os.listdir('/tmp'))]]\n", [GRID])
+                under = [p for v in ("trees", "hide", "files") for p in box.view[v] if p.startswith("/tmp/")]
+                tops = {p.split("/")[2] for p in under} | {"work"}
+                assert seen.outputs == [[[len(tops)]]], (seen.outputs, seen.errors, sorted(tops))
+        finally:
+            box.close()
+    finally:
+        os.remove(os.path.join(folder, "grid.json"))
+        os.rmdir(folder)
+
+
 def test_batch_in_parallel_keeps_order_and_good_results(workroot):
     bad = ["infinite_loop", "fork_bomb", "memory_bomb", "stderr_flood", "ctypes_crash", "non_grid"]
     sources = [GOOD, *(HOSTILE[b] for b in bad), "import numpy as np\ndef transform(g):\n    return np.rot90(g)\n"]

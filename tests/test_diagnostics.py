@@ -2,6 +2,7 @@
 and positive after one, the best answer's log-prob gain follows, and the diagnostics change nothing a run
 samples or learns."""
 import os
+import time
 
 import torch
 
@@ -67,3 +68,30 @@ def test_diagnostics_change_no_sample_and_no_update(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(lora_on, lora_off)), "the same adapter"
     assert all("kl" in m and "dw_rel" in m for m in metrics) and not any("kl" in m for m in plain)
     assert all(m["on_policy_reward"] is not None and 0 <= m["failed_share"] <= 1 for m in metrics + plain)
+
+
+def test_diagnostics_keep_to_their_share_of_the_run(tmp_path, monkeypatch):
+    """--diagnostics 0.1: a diagnostics pass runs only while all passes so far took <= 10% of the run. A pass made
+    slow on purpose (the real one plus 1 s) must then be skipped on most steps, and the time spent in passes
+    before the last one stays within the share."""
+    import search as search_module
+    real = search_module.policy_movement
+
+    def slow(*args, **kwargs):
+        time.sleep(1.0)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(search_module, "policy_movement", slow)
+    model, tok = load_model(tiny_model_path())
+    torch.manual_seed(0)
+    inject_lora(model, r=4, alpha=8)
+    db = Database(str(tmp_path / "c.sqlite"))
+    cfg = SearchConfig(method="grpo", alpha=4, beta=0, gamma=0, budget=1000, max_new_tokens=8)
+    search = Search(cfg, load_task("toy"), tok, Sampler(model, tok), db, Learner(model, GRPOConfig(lr=1e-2)),
+                    seed=0, diagnose=0.1)
+    metrics = [search.step() for _ in range(8)]
+    db.close()
+    diagnosed = [i for i, m in enumerate(metrics) if "kl" in m]
+    assert diagnosed and diagnosed[0] == 0, f"the first trained step is diagnosed: {diagnosed}"
+    assert len(diagnosed) < len(metrics), f"a 1 s pass on every step exceeds 10% of this run: {diagnosed}"
+    last = metrics[diagnosed[-1]]["diagnostics_seconds"]
+    assert search.diag_seconds - last <= 0.1 * search.run_seconds + 1e-3, (search.diag_seconds, search.run_seconds)

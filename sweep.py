@@ -32,6 +32,7 @@ GRIDS = {
         "lr2e-3-a64-mu1": ("grpo", ["--lr", "2e-3", "--lora-alpha", "64", "--mu", "1"]),
         "random-w1": ("random", ["--task-option", "words=1"]),
         "lr2e-3-a64-w1": ("grpo", ["--lr", "2e-3", "--lora-alpha", "64", "--task-option", "words=1"]),
+        "lr5e-4-a64-w1": ("grpo", ["--lr", "5e-4", "--lora-alpha", "64", "--task-option", "words=1"]),
     }),
     "arc": ("arc:d037b0a7,e9afcf9a,5582e5ca,6150a2bd", 64, {  # training tasks where copying scores > 0
         "random": ("random", []),

@@ -1,6 +1,8 @@
 """Choose the cpu preset by measurement: sweep the learning rate x LoRA scale (x mu, x words per completion) on
 a tuning set, and keep the setting under which `grpo` (all on-policy) raises its on-policy mean reward over a
-run the most beyond what `random` does, without collapsing the answer format.
+run the most beyond what `random` does, without collapsing the answer format (the parse-failure share) or the
+search onto one answer (the repeat share: completions that only repeat known candidates cost no oracle call, so
+a collapsed run spends steps, not budget, and may not finish).
 
     python sweep.py semantle --seeds 0 1 --out results/sweep/semantle      # the tuning set "tuning"
     python sweep.py arc --seeds 0 --out results/sweep/arc                  # ARC training tasks
@@ -9,6 +11,7 @@ Every setting is one `experiments.py` call (labels like lr2e-3-a64-mu2) into the
 the paired reference, so a finished run is never redone and results.md holds the paired table: for each
 setting, grpo's on-policy reward rise minus random's on the same (problem, seed), with its 95% interval. The
 tuning sets never overlap what the README reports (Semantle's paper targets, ARC's evaluation tasks).
+sweep.md is the sweep's own table over every run folder, finished or not (`--table-only` rebuilds it).
 """
 import argparse
 import json
@@ -43,6 +46,44 @@ GRIDS = {
 }
 
 
+def learning_table(out):
+    """The sweep's own table, over every run folder, finished or not (a setting that collapses the policy onto one
+    answer may not finish in a sitting, and that is the finding): per setting, the on-policy reward rise paired
+    against `random` (the reference for its words-per-completion), the last third's repeat and parse-failure
+    shares, the last KL to the base policy, and the best reward."""
+    from experiments import fmt, last, last_third, paired_ci, rise
+    runs = []
+    root = os.path.join(out, "runs")
+    for name in sorted(os.listdir(root)):
+        folder = os.path.join(root, name)
+        if not os.path.exists(os.path.join(folder, "metrics.jsonl")):
+            continue
+        with open(os.path.join(folder, "config.json")) as f:
+            cfg = json.load(f)
+        with open(os.path.join(folder, "metrics.jsonl")) as f:
+            metrics = [json.loads(line) for line in f if line.strip()]
+        runs.append({"label": cfg.get("label") or cfg["method"], "key": (cfg["task_id"], cfg["seed"]),
+                     "words": (cfg.get("task_options") or {}).get("words", 2), "metrics": metrics,
+                     "finished": os.path.exists(os.path.join(folder, "summary.json"))})
+    lines = ["| setting | runs (finished) | on-policy rise − random's, paired [95% CI] | repeat share, last third | "
+             "failed share, last third | KL per token, last | best reward |", "|---|---|---|---|---|---|---|"]
+    for label in dict.fromkeys(r["label"] for r in runs):
+        mine = [r for r in runs if r["label"] == label]
+        ref = {r["key"]: r for r in runs if r["label"] == ("random-w1" if mine[0]["words"] == 1 else "random")}
+        diff = paired_ci([(rise(r), rise(ref[r["key"]])) for r in mine if r["key"] in ref])
+        star = "" if diff[0] is None or diff[1] <= 0 <= diff[2] else " *"
+
+        def mean(xs):
+            xs = [x for x in xs if x is not None]
+            return f"{sum(xs) / len(xs):.3f}" if xs else "–"
+        lines.append(f"| {label} | {len(mine)} ({sum(r['finished'] for r in mine)}) | "
+                     f"{'–' if label.startswith('random') else fmt(diff) + star} | "
+                     f"{mean([last_third(r, 'repeat_share') for r in mine])} | "
+                     f"{mean([last_third(r, 'failed_share') for r in mine])} | {mean([last(r, 'kl') for r in mine])} | "
+                     f"{mean([last(r, 'best_reward') for r in mine])} |")
+    return "\n".join(lines)
+
+
 def experiments(*args):
     cmd = [sys.executable, "experiments.py", *args]
     print(" ".join(cmd), file=sys.stderr, flush=True)
@@ -62,7 +103,10 @@ def main():
     ap.add_argument("--tasks", default=None,
                     help="a subset of the tuning set when time is short, e.g. semantle:apple,river (same syntax as experiments.py)")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--table-only", action="store_true", help="only write <out>/sweep.md from the runs there")
     args = ap.parse_args()
+    if args.table_only:
+        return write_table(args.out)
     spec, budget, grid = GRIDS[args.task]
     spec = args.tasks or spec
     common = ["--tasks", spec, "--seeds", *map(str, args.seeds), "--budget", str(budget), "--out", args.out]
@@ -72,6 +116,14 @@ def main():
         if args.only is None or label in args.only:
             experiments(*common, "--methods", method, "--label", label + args.label_suffix, "--", *extra, *flags)
     experiments(*common, "--methods", *grid, "--report-only", "--against", "random", "random-w1")
+    write_table(args.out)
+
+
+def write_table(out):
+    table = learning_table(out)
+    with open(os.path.join(out, "sweep.md"), "w") as f:
+        f.write(table + "\n")
+    print(table)
 
 
 if __name__ == "__main__":

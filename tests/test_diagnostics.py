@@ -68,6 +68,8 @@ def test_diagnostics_change_no_sample_and_no_update(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(lora_on, lora_off)), "the same adapter"
     assert all("kl" in m and "dw_rel" in m for m in metrics) and not any("kl" in m for m in plain)
     assert all(m["on_policy_reward"] is not None and 0 <= m["failed_share"] <= 1 for m in metrics + plain)
+    # step 1 has no past candidate to vary, so no NS member; later steps sample the NS prompt (gamma 1)
+    assert metrics[0]["neighbour_reward"] is None and all(0 <= m["neighbour_reward"] <= 1 for m in metrics[1:])
 
 
 def test_diagnostics_keep_to_their_share_of_the_run(tmp_path, monkeypatch):

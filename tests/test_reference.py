@@ -94,3 +94,36 @@ def test_warm_start_is_given_for_free(tmp_path):
     db.add([Row("zebra", "z", 0.01, "on-policy", 1)])  # a worse first guess: the curve keeps the given best
     assert db.curve() == [(1, best_given)]
     db.close()
+
+
+def test_failed_completions_leave_the_group_where_the_reference_drops_them(tmp_path):
+    """The reference's Semantle never trains on a failed parse (it refills a step's words from the valid guesses);
+    its ARC and molecules keep a failure in the group at reward 0. With failed="drop" no member the learner sees
+    failed to parse, and the same seed's groups under "group" do hold such members (so this test can fail)."""
+    from grpo import Learner
+    from lora import inject_lora
+    assert (resolved("semantle", "migrate")["failed"], resolved("arc", "migrate")["failed"],
+            resolved("molecule", "migrate")["failed"]) == ("drop", "group", "group")
+    task = load_task("toy", "migrate")
+    seen = {}
+    for mode in ("group", "drop"):
+        model, tok = load_model(tiny_model_path())
+        torch.manual_seed(0)
+        inject_lora(model, r=4, alpha=8)
+        learner = Learner(model, GRPOConfig(lr=1e-3, mu=1))
+        step = learner.step
+        seen[mode] = []
+
+        def spy(prompt, members):  # the real learner, watched
+            seen[mode].append([task.parse(m.text).candidates for m in members])
+            return step(prompt, members)
+        learner.step = spy
+        db = Database(str(tmp_path / f"{mode}.sqlite"))
+        cfg = SearchConfig(method="grpo", alpha=8, beta=0, gamma=0, budget=1000, max_new_tokens=1, failed=mode)
+        search = Search(cfg, task, tok, Sampler(model, tok), db, learner, seed=3, diagnose=0)
+        for _ in range(4):
+            search.step()
+        db.close()
+    failed = lambda groups: sum(not c for g in groups for c in g)
+    assert failed(seen["group"]) > 0, "no failed parse in 4 groups: the test would check nothing"
+    assert failed(seen["drop"]) == 0 and seen["drop"], seen["drop"]

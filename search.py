@@ -8,7 +8,8 @@ step on it:
   3. beta greedy members: the best past completions, replayed from the database (no oracle call);
   4. parse every sampled completion into candidates; a candidate not yet in the database costs one oracle
      call (until the budget is spent), a known one reuses its reward; a completion's reward is the best
-     of its candidates, 0 if it has none (or, with failed="drop", it leaves the group);
+     of its candidates, 0 if it has none (or, with failed="drop", it leaves the group), and with repeats="zero"
+     a completion of known candidates only trains as 0;
   5. train (or not), record metrics, checkpoint; stop when solved, when the budget is spent, or when no step
      has found anything new for `patience` steps.
 All methods share this loop; they differ only in the group's composition and whether they train.
@@ -54,10 +55,12 @@ class SearchConfig:
     opro_k: int = 10  # OPRO prompts list the k best
     patience: int = 20  # stop after this many steps without a new oracle call
     failed: str = "group"  # a completion with no valid candidate: "group" (reward 0) or "drop" (not in the group)
+    repeats: str = "keep"  # a sampled completion of known candidates only: "keep" its reward, or "zero" it
 
     def __post_init__(self):
         assert self.method in METHODS, f"unknown method '{self.method}'"
         assert self.failed in ("group", "drop"), f"failed is 'group' or 'drop', not {self.failed!r}"
+        assert self.repeats in ("keep", "zero"), f"repeats is 'keep' or 'zero', not {self.repeats!r}"
         assert min(self.alpha, self.beta, self.gamma) >= 0 and self.alpha + self.beta + self.gamma > 0, \
             "alpha, beta, gamma are non-negative and not all zero"
 
@@ -180,9 +183,11 @@ class Search:
         rewards, new_calls, kinds = self.score([(prefix + o.text, o.ids) for o in outs], db_sources, self.step_idx,
                                                early)
         t_reward = time.perf_counter()
-        # None: the budget ran out before this completion was scored; "drop": a failed parse is no member
-        members = [Member(src, o.ids, r, prefix + o.text, o.logprobs) for src, o, r, kind
-                   in zip(sources, outs, rewards, kinds) if r is not None and (cfg.failed == "group" or kind != "failed")]
+        # None: the budget ran out before this completion was scored; "drop": a failed parse is no member;
+        # "zero": a repeat trains as reward 0 (what the policy sampled, below, still counts its known reward)
+        members = [Member(src, o.ids, 0.0 if kind == "repeat" and cfg.repeats == "zero" else r, prefix + o.text,
+                          o.logprobs) for src, o, r, kind in zip(sources, outs, rewards, kinds)
+                   if r is not None and (cfg.failed == "group" or kind != "failed")]
         members += [Member("greedy", g.completion_ids, g.reward, g.completion) for g in greedy]
         stats = {}
         if self.trains and len(members) > 1:

@@ -127,3 +127,44 @@ def test_failed_completions_leave_the_group_where_the_reference_drops_them(tmp_p
     failed = lambda groups: sum(not c for g in groups for c in g)
     assert failed(seen["group"]) > 0, "no failed parse in 4 groups: the test would check nothing"
     assert failed(seen["drop"]) == 0 and seen["drop"], seen["drop"]
+
+
+@pytest.mark.parametrize("repeats", ["keep", "zero"])
+def test_repeats_train_at_their_known_reward_or_at_zero(tmp_path, repeats):
+    """A sampled completion of known candidates only: the reference's Semantle and ARC train it at its known
+    reward; repeats="zero" trains it at 0 (as the reference's molecules score a repeated guess). The database
+    starts with the word of every one-token completion (at 0.5, as if guessed before), so every valid completion
+    of one token is a repeat."""
+    from grpo import Learner
+    from lora import inject_lora
+    task = load_task("toy", "migrate")
+    model, tok = load_model(tiny_model_path())
+    torch.manual_seed(0)
+    inject_lora(model, r=4, alpha=8)
+    learner = Learner(model, GRPOConfig(lr=1e-4, mu=1))
+    step, seen, checked = learner.step, {}, []
+
+    def spy(prompt, members):  # the real learner, watched
+        for m in members:
+            cands = task.parse(m.text).candidates
+            if m.source == "on-policy" and cands and all(c in seen for c in cands):
+                checked.append((m.reward, max(seen[c] for c in cands)))
+        for m in members:
+            for c in task.parse(m.text).candidates:
+                seen.setdefault(c, m.reward)
+        return step(prompt, members)
+    learner.step = spy
+    db = Database(str(tmp_path / "c.sqlite"))
+    words = {c for i in range(tok.vocab_size) for c in task.parse(tok.decode([i])).candidates}
+    db.add([Row(w, w, 0.5, "on-policy", 0) for w in sorted(words)])  # known rewards: any non-zero value
+    seen.update(dict.fromkeys(words, 0.5))
+    cfg = SearchConfig(method="grpo", alpha=8, beta=0, gamma=0, budget=1000, max_new_tokens=1, repeats=repeats)
+    search = Search(cfg, task, tok, Sampler(model, tok), db, learner, seed=0, diagnose=0)
+    for _ in range(4):
+        search.step()
+    db.close()
+    assert checked, "no repeated completion reached the learner: the test would check nothing"
+    if repeats == "zero":
+        assert all(r == 0 for r, _ in checked), checked
+    else:
+        assert all(r == known == 0.5 for r, known in checked), checked

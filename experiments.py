@@ -215,11 +215,13 @@ def report(out, methods_order=None, against=("random", "grpo")):
                          f"| {fmt(used, 0)} | {fmt(bootstrap_ci([rise(r) for r in sel]))} | {wall:.0f} |")
         lines += ["", "What the policy samples and how far training moved it: the mean reward of its samples (of "
                   "the task prompt; for a method with no task-prompt samples, of its NS prompts) in the first and "
-                  "last third of a run's steps, whose difference is the rise above; shares of completions that failed to parse or only repeated known "
-                  "candidates (last third); KL to the base policy per token and the log-prob gain of the best answer "
-                  "at the last diagnosed step (mean over runs):", "",
-                  "| method | policy reward, first third | last third | failed share | repeat share | KL | "
-                  "log p(best) gain | steps |", "|---|---|---|---|---|---|---|---|"]
+                  "last third of a run's steps, whose difference is the rise above; in the last third, the shares "
+                  "of completions that failed to parse or only repeated known candidates, and the mean reward of "
+                  "the new candidates found (absent from runs logged before it existed); KL to the base policy "
+                  "per token and the log-prob gain of the best answer at the last diagnosed step (mean over runs):",
+                  "",
+                  "| method | policy reward, first third | last third | failed share | repeat share | new candidates' reward | "
+                  "KL | log p(best) gain | steps |", "|---|---|---|---|---|---|---|---|---|"]
         for lab in labels:
             sel = [r for r in rs if r["label"] == lab]
             first = [sum(ys[:len(ys) // 3]) / (len(ys) // 3) for ys in map(policy_rewards, sel) if len(ys) >= 3]
@@ -227,7 +229,8 @@ def report(out, methods_order=None, against=("random", "grpo")):
             mean = lambda xs: (lambda v: "–" if not v else f"{sum(v) / len(v):.3f}")([x for x in xs if x is not None])
             lines.append(f"| {lab} | {mean(first)} | {mean(last_)} "
                          f"| {mean(last_third(r, 'failed_share') for r in sel)} "
-                         f"| {mean(last_third(r, 'repeat_share') for r in sel)} | {mean(last(r, 'kl') for r in sel)} "
+                         f"| {mean(last_third(r, 'repeat_share') for r in sel)} "
+                         f"| {mean(last_third(r, 'new_reward') for r in sel)} | {mean(last(r, 'kl') for r in sel)} "
                          f"| {mean(last(r, 'best_logp_gain') for r in sel)} "
                          f"| {sum(len(r['metrics']) for r in sel) / len(sel):.0f} |")
         metrics = [("best reward", lambda r: r["best_reward"], 3), ("solved", lambda r: float(r["solved"]), 2),

@@ -109,7 +109,8 @@ class Search:
     def score(self, completions, sources, step, early=None, oracle=True):
         """Parse and score completions (texts, token ids) in order; store what is new. Returns each
         completion's reward (max over its candidates, 0 without any, None if the budget ran out first), the
-        number of oracle calls, and each completion's kind ("new", "repeat": only known candidates, "failed").
+        rewards of the new candidates (one oracle call each), and each completion's kind ("new", "repeat": only
+        known candidates, "failed").
         `early` holds scores of candidates already sent to the oracle while sampling (EarlyRewards).
         oracle=False: what is scored is given, not searched (the warm start), and costs no budget."""
         # Text that is not valid UTF-8 (lone surrogates from a user's task) cannot be stored: replace it first.
@@ -142,7 +143,7 @@ class Search:
             rewards.append(max(got) if got else (0.0 if not p.candidates else None))
             kinds.append("failed" if not p.candidates else "repeat" if all(c in known for c in p.candidates)
                          else "new")
-        return rewards, len(scores), kinds
+        return rewards, [s.reward for s in scores.values()], kinds
 
     def warm_start(self):
         """Score the task's warm-start candidates once, before the first step. As in the reference, which
@@ -180,9 +181,10 @@ class Search:
                                      on_finish=early.submit if early else None,
                                      generator=self.gen) if prompts else []
         t_sample = time.perf_counter()
-        rewards, new_calls, kinds = self.score([(prefix + o.text, o.ids) for o in outs], db_sources, self.step_idx,
+        rewards, new_rewards, kinds = self.score([(prefix + o.text, o.ids) for o in outs], db_sources, self.step_idx,
                                                early)
         t_reward = time.perf_counter()
+        new_calls = len(new_rewards)
         # None: the budget ran out before this completion was scored; "drop": a failed parse is no member;
         # "zero": a repeat trains as reward 0 (what the policy sampled, below, still counts its known reward)
         members = [Member(src, o.ids, 0.0 if kind == "repeat" and cfg.repeats == "zero" else r, prefix + o.text,
@@ -203,6 +205,9 @@ class Search:
         neighbour = [r for src, r in zip(sources, rewards) if src == "neighbour" and r is not None]
         diag = {"on_policy_reward": sum(on_policy) / len(on_policy) if on_policy else None,
                 "neighbour_reward": sum(neighbour) / len(neighbour) if neighbour else None,
+                # what the search gains: the mean reward of this step's new candidates (a collapsed policy's
+                # sampled reward can be high while it only repeats known words)
+                "new_reward": sum(new_rewards) / len(new_rewards) if new_rewards else None,
                 "failed_share": round(kinds.count("failed") / len(outs), 4) if outs else None,
                 "repeat_share": round(kinds.count("repeat") / len(outs), 4) if outs else None}
         # The learning diagnostics cost a forward pass of the group: they run while their share of the run's

@@ -40,6 +40,10 @@ GRIDS = {
         "migrate-lr5e-4-a64": ("migrate", ["--lr", "5e-4", "--lora-alpha", "64"]),
         "migrate-lr2e-4-a64": ("migrate", ["--lr", "2e-4", "--lora-alpha", "64"]),
         "migrate-lr1e-4-a64": ("migrate", ["--lr", "1e-4", "--lora-alpha", "64"]),
+        # what a repeated or unparsable completion trains as (see --failed, --repeats): nothing new scores 0
+        "migrate-lr5e-4-a64-zero": ("migrate", ["--lr", "5e-4", "--lora-alpha", "64", "--failed", "group",
+                                                "--repeats", "zero"]),
+        "lr5e-4-a64-zero": ("grpo", ["--lr", "5e-4", "--lora-alpha", "64", "--failed", "group", "--repeats", "zero"]),
     }),
     "arc": ("arc:d037b0a7,e9afcf9a,5582e5ca,6150a2bd", 64, {  # training tasks where copying scores > 0
         "random": ("random", []),
@@ -61,8 +65,9 @@ def learning_table(out):
     key = lambda r: (r["task_id"], r["seed"])
     words = lambda r: r["task_options"].get("words", 2)
     lines = ["| setting | runs (finished) | policy reward rise − reference's, paired [95% CI] | reference | "
-             "repeat share, last third | failed share, last third | KL per token, last | best reward |",
-             "|---|---|---|---|---|---|---|---|"]
+             "repeat share, last third | failed share, last third | new candidates' reward, last third | "
+             "KL per token, last | best reward |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for label in dict.fromkeys(r["label"] for r in runs):
         mine = [r for r in runs if r["label"] == label]
         untrained = mine[0]["method"] in ("random", "ns")
@@ -77,7 +82,8 @@ def learning_table(out):
         lines.append(f"| {label} | {len(mine)} ({sum(r['finished'] for r in mine)}) | "
                      f"{'–' if untrained else fmt(diff) + star} | {'–' if untrained else ref_label} | "
                      f"{mean([last_third(r, 'repeat_share') for r in mine])} | "
-                     f"{mean([last_third(r, 'failed_share') for r in mine])} | {mean([last(r, 'kl') for r in mine])} | "
+                     f"{mean([last_third(r, 'failed_share') for r in mine])} | "
+                     f"{mean([last_third(r, 'new_reward') for r in mine])} | {mean([last(r, 'kl') for r in mine])} | "
                      f"{mean([last(r, 'best_reward') for r in mine])} |")
     return "\n".join(lines)
 

@@ -70,6 +70,9 @@ def test_diagnostics_change_no_sample_and_no_update(tmp_path):
     assert all(m["on_policy_reward"] is not None and 0 <= m["failed_share"] <= 1 for m in metrics + plain)
     # step 1 has no past candidate to vary, so no NS member; later steps sample the NS prompt (gamma 1)
     assert metrics[0]["neighbour_reward"] is None and all(0 <= m["neighbour_reward"] <= 1 for m in metrics[1:])
+    # the new candidates' mean reward: one per oracle call, so absent exactly when a step made none
+    assert all((m["new_reward"] is None) == (m["new_calls"] == 0) for m in metrics + plain)
+    assert any(m["new_calls"] for m in metrics) and all(0 <= m["new_reward"] <= 1 for m in metrics if m["new_calls"])
 
 
 def test_diagnostics_keep_to_their_share_of_the_run(tmp_path, monkeypatch):

@@ -47,14 +47,17 @@ class Semantle(Task):
     # Reference: 0/0/10 words a step, packed 2 per completion; ours counts completions (5 x 2 words).
     preset = Preset(alpha=0, beta=0, gamma=5, lr=5e-5, lora_r=64, lora_alpha=16, mu=2, steps=100, budget=1000,
                     max_new_tokens=64, top_k_anchor=3, opro_k=5, ns_baseline_k=3, opro_baseline_k=10,
-                    # The reference never trains on a failed parse: it refills the step's words from the valid ones.
-                    # Kept at reward 0 in the mean, a failure lifts every valid member's advantage by the same
-                    # amount, so each step pushes up whatever parsed, repeats of known words included (README).
+                    # The reference never trains on a failed parse (it refills the step's words from the valid
+                    # ones) and trains a repeated word at its score: failed="drop", repeats="keep". [ours] the cpu
+                    # preset trains both at 0: kept at their known reward, repeats were trained up until MiGrATe
+                    # and GRPO sampled nothing else (README, "The cpu preset"); at 0 in the group mean, what is
+                    # new and valid is pushed up and nothing else is.
                     failed="drop",
                     # [ours] lr and scale chosen by sweep.py on the "tuning" targets (README, "The cpu preset"): at the
                     # paper's 5e-5 and scale 0.25 a 200-guess run moves the policy by KL 0.001 a token, nothing; at
                     # 2e-3 and scale 1 it collapses onto one word; 5e-4 and scale 1 raises the on-policy reward.
-                    cpu=dict(budget=200, max_new_tokens=24, lr=5e-4, lora_alpha=64, lr_schedule="constant"))
+                    cpu=dict(budget=200, max_new_tokens=24, lr=5e-4, lora_alpha=64, lr_schedule="constant",
+                             failed="group", repeats="zero"))
     stop_strings = ("]",)  # the answer is complete once its list closes; the sampler keeps the ']'
     answer_prefix = '["'  # [ours] starting the list for the model: 10/16 parsable answers from SmolLM2, not 4/16
 

@@ -102,8 +102,10 @@ def test_failed_completions_leave_the_group_where_the_reference_drops_them(tmp_p
     failed to parse, and the same seed's groups under "group" do hold such members (so this test can fail)."""
     from grpo import Learner
     from lora import inject_lora
-    assert (resolved("semantle", "migrate")["failed"], resolved("arc", "migrate")["failed"],
-            resolved("molecule", "migrate")["failed"]) == ("drop", "group", "group")
+    paper = [(resolved(t, "migrate")["failed"], resolved(t, "migrate")["repeats"]) for t in ("semantle", "arc", "molecule")]
+    assert paper == [("drop", "keep"), ("group", "keep"), ("group", "keep")], paper
+    cpu = run.resolve(run.parser().parse_args(["--task", "semantle", "--method", "migrate", "--preset", "cpu"]))
+    assert (cpu["failed"], cpu["repeats"]) == ("group", "zero"), "[ours] the Semantle cpu preset trains both at 0"
     task = load_task("toy", "migrate")
     seen = {}
     for mode in ("group", "drop"):

@@ -115,7 +115,9 @@ class Task:
 
     def reward(self, candidates: list[str]) -> list[Score]:
         """One Score per candidate, each reward within reward_range. Never raises: failures score the
-        bottom of the range with the reason in info."""
+        bottom of the range with the reason in info. Mind the bottom: a group member whose reward is exactly 0
+        leaves the GRPO loss (it still counts in the group mean; GRPOConfig.mask_zero_reward, as the paper), so a
+        task whose worst valid answer would score 0 should floor it above 0 (Semantle and molecules do)."""
         raise NotImplementedError
 
     def solved(self, score: Score) -> bool:

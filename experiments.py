@@ -123,14 +123,17 @@ def policy_rewards(run):
     return [y for y in map(policy_reward, run["metrics"]) if y is not None]
 
 
+def thirds(ys):
+    """Means of the first and the last third of a series ((None, None) with fewer than 3 values)."""
+    k = len(ys) // 3
+    return (sum(ys[:k]) / k, sum(ys[-k:]) / k) if k else (None, None)
+
+
 def rise(run):
     """Does training move the policy toward better answers? The policy's sampled mean reward (`policy_reward`)
     over the last third of a run's steps minus over its first third (None with fewer than 3 such steps)."""
-    ys = policy_rewards(run)
-    if len(ys) < 3:
-        return None
-    k = len(ys) // 3
-    return sum(ys[-k:]) / k - sum(ys[:k]) / k
+    first, last_ = thirds(policy_rewards(run))
+    return None if first is None else last_ - first
 
 
 def last_third(run, key):
@@ -224,8 +227,7 @@ def report(out, methods_order=None, against=("random", "grpo")):
                   "KL | log p(best) gain | steps |", "|---|---|---|---|---|---|---|---|---|"]
         for lab in labels:
             sel = [r for r in rs if r["label"] == lab]
-            first = [sum(ys[:len(ys) // 3]) / (len(ys) // 3) for ys in map(policy_rewards, sel) if len(ys) >= 3]
-            last_ = [sum(ys[-(len(ys) // 3):]) / (len(ys) // 3) for ys in map(policy_rewards, sel) if len(ys) >= 3]
+            first, last_ = zip(*(thirds(policy_rewards(r)) for r in sel))
             mean = lambda xs: (lambda v: "–" if not v else f"{sum(v) / len(v):.3f}")([x for x in xs if x is not None])
             lines.append(f"| {lab} | {mean(first)} | {mean(last_)} "
                          f"| {mean(last_third(r, 'failed_share') for r in sel)} "

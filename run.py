@@ -44,7 +44,7 @@ def parser():
     g.add_argument("--patience", type=int, default=20, help="stop after this many steps with no new candidate")
     g.add_argument("--failed", default=None, choices=["group", "drop"],
                    help="a completion with no valid candidate: in the GRPO group at reward 0, or left out of it "
-                        "(default: preset; Semantle drops them, as the reference)")
+                        "(default: preset; the reference's Semantle drops them, the Semantle cpu preset keeps them)")
     g.add_argument("--repeats", default=None, choices=["keep", "zero"],
                    help="a sampled completion of known candidates only: train it at its known reward, or at 0 "
                         "(default: preset)")

@@ -277,6 +277,11 @@ def run(cfg, resume=False) -> int:
         torch.save(state, ckpt_path + ".tmp")
         os.replace(ckpt_path + ".tmp", ckpt_path)  # the step is complete once this rename lands
         progress(m, cfg["budget"])
+    if learner and search.step_idx:
+        # A kill between the adapter's save and the checkpoint's rename leaves an adapter one step ahead of the
+        # checkpoint; if that step spent the budget, the resumed loop takes no step to overwrite it. The final
+        # adapter is the final policy: write it from the model once more.
+        save_adapter(model, os.path.join(out, "adapter"), base_model=cfg["model"])
     summary = summarise(cfg, task, db, search, reason, time.time() - t_start)
     write_json(os.path.join(out, "summary.json"), summary)
     plot(db.curve(), read_metrics(metrics_path), os.path.join(out, "reward_curve.png"),

@@ -31,6 +31,8 @@ def expand(spec: str) -> tuple[str, list]:
     """'semantle:paper' -> ('semantle', [ten targets]); 'molecule:similarity:aspirin,qed' -> two ids."""
     from tasks import load_task
     task, _, ids = spec.partition(":")
+    if task.endswith(".py"):  # a task file: every run.py starts in this folder, so name it from anywhere
+        task = os.path.abspath(task)
     if not ids:
         return task, [None]
     named = type(load_task(task)).named_sets()  # a module in tasks/ or a task file given by path
@@ -39,7 +41,13 @@ def expand(spec: str) -> tuple[str, list]:
     return task, ids.split(",")
 
 
+def task_name(task):
+    """How folders, tables and plots name a task: a task file by its file name ("/x/letters.py" -> "letters")."""
+    return os.path.basename(task).removesuffix(".py")
+
+
 def run_dir(out, task, tid, method, seed, label):
+    task = task_name(task)
     name = f"{task}-{tid or 'default'}-{label or method}-s{seed}".replace(":", "_").replace("/", "_")
     return os.path.join(out, "runs", name)
 
@@ -94,7 +102,7 @@ def load_runs(out, unfinished=False):
                 s = json.load(f)
         else:
             s = {k: cfg[k] for k in ("task", "task_id", "seed", "method", "budget")}
-        s.update(label=cfg.get("label") or s["method"], task_options=cfg.get("task_options") or {}, finished=finished)
+        s.update(task=task_name(s["task"]), label=cfg.get("label") or s["method"], task_options=cfg.get("task_options") or {}, finished=finished)
         if finished and "curve" not in s:  # runs from before summary.json carried its curve
             from database import Database
             db = Database(os.path.join(folder, "candidates.sqlite"))
@@ -162,14 +170,16 @@ def excludes_zero(ci):
 
 
 def paired_rows(rs, labels, against, metrics):
-    """Table rows: each label minus each `against` label on the same (problem, seed), per metric."""
+    """Table rows: each label minus each `against` label on the same (problem, seed), per metric; a pair of two
+    `against` labels once (grpo − random, not also random − grpo)."""
     key = lambda r: (r["task_id"], r["seed"])
     by = {lab: {key(r): r for r in rs if r["label"] == lab} for lab in labels}
-    lines = []
+    lines, done = [], set()
     for ref in [a for a in against if a in by]:
         for lab in labels:
-            if lab == ref:
+            if lab == ref or frozenset((lab, ref)) in done:
                 continue
+            done.add(frozenset((lab, ref)))
             common = sorted(set(by[lab]) & set(by[ref]))
             cells = []
             for _, fn, digits in metrics:
@@ -334,6 +344,7 @@ def main():
     ap.add_argument("extra", nargs=argparse.REMAINDER, help="after --: flags passed to every run.py")
     args = ap.parse_args()
     extra = [a for a in args.extra if a != "--"]
+    args.out = os.path.abspath(args.out)  # run.py runs in this folder, wherever the harness was started
     if not args.report_only:
         jobs = []
         for spec in args.tasks:

@@ -12,7 +12,7 @@ adapters switched on: the run's samples and updates are the same with or without
 import torch
 import torch.nn.functional as F
 
-from grpo import _target_logprobs
+from shared_prompt import pad, target_logprobs
 from lora import lora_disabled, lora_modules
 
 KL_CHUNK = 512  # positions whose two (V,) distributions are held at once
@@ -24,12 +24,12 @@ def policy_movement(learner, prompt_ids: list[int], completions: list[list[int]]
     model = learner.model
     rows = [c for c in completions if c] + ([best] if best else [])
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # the learner batches similar lengths
-    ids, lengths = learner.pad([rows[i] for i in order])
+    ids, lengths = pad([rows[i] for i in order], model.lm_head.weight.device)
     states, logp = {}, {}  # micro-batch start -> pi_0's hidden states, pi_theta's log-probs
 
     def keep_states(rsl, h, x):  # pass 1, LoRA off: remember pi_0's hidden states
         states[rsl.start] = h
-        return _target_logprobs(model, h, x)
+        return target_logprobs(model, h, x)
 
     def kl_head(rsl, h, x):  # pass 2, LoRA on: KL against pi_0 position by position, and pi_theta's log-probs
         out, logp[rsl.start] = torch.empty(x.shape, device=h.device), torch.empty(x.shape, device=h.device)
@@ -45,8 +45,8 @@ def policy_movement(learner, prompt_ids: list[int], completions: list[list[int]]
     model.eval()
     try:
         with lora_disabled(model):
-            logp_0, _ = learner._logprobs(prompt_ids, ids, lengths, None, head=keep_states)
-        kl, _ = learner._logprobs(prompt_ids, ids, lengths, None, head=kl_head)
+            logp_0, _ = learner.logprobs(prompt_ids, ids, lengths, head=keep_states)
+        kl, _ = learner.logprobs(prompt_ids, ids, lengths, head=kl_head)
     finally:
         model.train(was_training)
     mask = torch.arange(ids.shape[1], device=ids.device)[None] < lengths.to(ids.device)[:, None]

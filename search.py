@@ -24,7 +24,7 @@ import torch
 
 from database import Row
 from diagnostics import adapter_change, policy_movement
-from grpo import Member
+from grpo import SOURCES, Member
 from tasks import Score
 
 # method -> (alpha, beta, gamma) from the preset mix and the baselines' on-policy share n0, the NS prompt
@@ -224,7 +224,7 @@ class Search:
                 "best_reward": best.reward if best else None,
                 "group_reward_mean": sum(group) / len(group) if group else None,
                 "group_reward_max": max(group) if group else None,
-                "members": {s: sum(m.source == s for m in members) for s in ("on-policy", "greedy", "neighbour")},
+                "members": {s: sum(m.source == s for m in members) for s in SOURCES},
                 "completion_tokens": sum(len(o.ids) for o in outs),
                 "loss": stats.get("loss"), "grad_norm": stats.get("grad_norm"),
                 "zero_spread": zero_spread, "zero_spread_share": round(self.zero_spread_steps / self.step_idx, 4),

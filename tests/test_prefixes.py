@@ -10,6 +10,7 @@ import re
 import pytest
 import torch
 
+from default_model import default_model_path
 from model import load_model
 from tasks import load_task
 
@@ -24,7 +25,7 @@ CASES = {
 
 @pytest.fixture(scope="module")
 def smollm():
-    return load_model(None)
+    return load_model(default_model_path())
 
 
 @pytest.mark.parametrize("name", CASES)

@@ -2,7 +2,8 @@
 
 Follows shared/PAPER.md ("GRPO loss (paper preset)"). A group holds N members from three sources, each
 carrying its provenance: on-policy samples, greedy replays of the best past completions, and neighbourhood
-(NS) samples drawn under another prompt. Every member is trained as a completion of the task prompt.
+(NS) samples drawn under another prompt (`build_group`; search.py samples and scores them). Every member is
+trained as a completion of the task prompt.
 
     A_i = r_i - mean(r)                                   (optionally / std(r))
     rho_it = exp(logp_new_it - logp_old_it)
@@ -17,7 +18,7 @@ the current policy, like on-policy ones; "importance" weights each NS token by t
 min(pi(y_t | task prompt) / pi(y_t | NS prompt), c), the NS-prompt log-prob being the sampler's.
 """
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import torch
@@ -59,6 +60,20 @@ class GRPOConfig:
     planned_steps: int = 0  # optimiser steps the linear schedule spans (groups x mu)
     tokens_per_microbatch: int = 4096  # completion tokens per forward/backward chunk (memory, not maths)
     activation_checkpointing: bool = False
+
+
+# ---------------------------------------------------------------- the group
+
+
+def build_group(sampled: list[Member], greedy: list, failed="group", repeats="keep") -> list[Member]:
+    """One step's GRPO group: the sampled members (on-policy and neighbourhood, info["kind"] "new", "repeat":
+    only known candidates, or "failed": none valid), then the greedy ones, replayed from the database's best
+    rows (database.Row: no oracle call, no sampling). A sampled member whose reward is None (the budget ran
+    out before it was scored) is left out; failed="drop" leaves out failed parses too, as the reference's
+    Semantle; repeats="zero" trains a repeat at reward 0 (it found nothing new), "keep" at its known reward."""
+    members = [replace(m, reward=0.0) if repeats == "zero" and m.info.get("kind") == "repeat" else m
+               for m in sampled if m.reward is not None and (failed == "group" or m.info.get("kind") != "failed")]
+    return members + [Member("greedy", g.completion_ids, g.reward, g.completion) for g in greedy]
 
 
 # ---------------------------------------------------------------- pure functions

@@ -9,7 +9,7 @@ step on it:
   4. parse every sampled completion into candidates; a candidate not yet in the database costs one oracle
      call (until the budget is spent), a known one reuses its reward; a completion's reward is the best
      of its candidates, 0 if it has none (or, with failed="drop", it leaves the group), and with repeats="zero"
-     a completion of known candidates only trains as 0;
+     a completion of known candidates only trains as 0 (grpo.build_group);
   5. train (or not), record metrics, checkpoint; stop when solved, when the budget is spent, or when no step
      has found anything new for `patience` steps.
 All methods share this loop; they differ only in the group's composition and whether they train.
@@ -24,7 +24,7 @@ import torch
 
 from database import Row
 from diagnostics import adapter_change, policy_movement
-from grpo import SOURCES, Member
+from grpo import SOURCES, Member, build_group
 from tasks import Score
 
 # method -> (alpha, beta, gamma) from the preset mix and the baselines' on-policy share n0, the NS prompt
@@ -185,12 +185,9 @@ class Search:
                                                early)
         t_reward = time.perf_counter()
         new_calls = len(new_rewards)
-        # None: the budget ran out before this completion was scored; "drop": a failed parse is no member;
-        # "zero": a repeat trains as reward 0 (what the policy sampled, below, still counts its known reward)
-        members = [Member(src, o.ids, 0.0 if kind == "repeat" and cfg.repeats == "zero" else r, prefix + o.text,
-                          o.logprobs) for src, o, r, kind in zip(sources, outs, rewards, kinds)
-                   if r is not None and (cfg.failed == "group" or kind != "failed")]
-        members += [Member("greedy", g.completion_ids, g.reward, g.completion) for g in greedy]
+        sampled = [Member(src, o.ids, r, prefix + o.text, o.logprobs, {"kind": kind})
+                   for src, o, r, kind in zip(sources, outs, rewards, kinds)]
+        members = build_group(sampled, greedy, cfg.failed, cfg.repeats)
         stats = {}
         if self.trains and len(members) > 1:
             stats = self.learner.step(self.task_prompt, members)

@@ -190,7 +190,7 @@ def run(cfg, resume=False) -> int:
     from database import Database
     from default_model import model_path
     from grpo import GRPOConfig, Learner
-    from lora import inject_lora, lora_modules, save_adapter
+    from lora import inject_lora, save_adapter
     from model import load_model
     from sampling import Sampler
     from search import METHODS, Search, SearchConfig
@@ -423,8 +423,8 @@ def run_many(args) -> int:
 
 def expand_ids(task, spec) -> list[str]:
     """'paper' (a named set of the task) or 'id1,id2,...' -> the list of ids."""
-    from tasks import ALIASES, load_task
-    named = type(load_task(task)).named_sets() if not task.endswith(".py") else {}
+    from tasks import load_task
+    named = type(load_task(task)).named_sets()  # a module in tasks/ or a task file, as experiments.py
     ids = named.get(spec) or [s for s in spec.split(",") if s]
     if not ids:
         raise UsageError(f"--task-ids '{spec}' names no problem; give ids separated by commas or a named set "
@@ -449,7 +449,7 @@ def main(argv=None):
         return 2
     except KeyboardInterrupt:
         out = args.resume or (locals().get("cfg") or {}).get("out")
-        print(f"\ninterrupted; every completed step is saved" + (f": continue with --resume {out}" if out else ""),
+        print("\ninterrupted; every completed step is saved" + (f": continue with --resume {out}" if out else ""),
               file=sys.stderr)
         return 130
 

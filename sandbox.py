@@ -192,6 +192,33 @@ def _wait_exit(pid, deadline) -> bool:
         time.sleep(0.005)
 
 
+@dataclass(frozen=True)
+class Proc:
+    state: str  # "R", "S", ..., "Z" (a zombie: exited, not yet reaped)
+    ppid: int
+    pgid: int
+    sid: int
+    start: int  # clock ticks after boot: with the pid, names a process even after its pid is reused
+    uid: int  # real uid
+
+
+def processes() -> dict[int, Proc]:
+    """Every process in /proc (Linux), zombies included, by pid; one that exits while it is read is left out.
+    The one reader of the process table for the sandbox, the docking workers (tasks/molecule.py) and the tests."""
+    out = {}
+    for p in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/{p}/status") as f:
+                uid = next(int(ln.split()[1]) for ln in f if ln.startswith("Uid:"))
+        except (OSError, StopIteration, ValueError):
+            continue
+        rest = stat[stat.rindex(")") + 2:].split()  # after "(comm)", which may hold spaces and parentheses
+        out[int(p)] = Proc(rest[0], int(rest[1]), int(rest[2]), int(rest[3]), int(rest[19]), uid)
+    return out
+
+
 def _kill_all(pid):
     # The group catches what stayed in it; the uid sweep catches anything that left it with setsid.
     try:
@@ -200,14 +227,12 @@ def _kill_all(pid):
         pass
     if os.geteuid() != 0:
         return
-    uid = str(UID_BASE + pid)
-    for p in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{p}/status") as f:
-                if any(ln.startswith("Uid:") and ln.split()[1] == uid for ln in f):
-                    os.kill(int(p), signal.SIGKILL)
-        except (OSError, ValueError):
-            pass  # the process vanished meanwhile
+    for p, proc in processes().items():
+        if proc.uid == UID_BASE + pid:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # the process vanished meanwhile
 
 
 def _parse(out: bytes, n: int) -> Result:

@@ -41,6 +41,7 @@ from concurrent.futures import ThreadPoolExecutor
 from rdkit import Chem, DataStructs, RDLogger
 from rdkit.Chem import QED, Crippen, rdFingerprintGenerator
 
+from sandbox import processes
 from tasks import Parsed, Preset, Score, Task, TaskError
 
 RDLogger.DisableLog("rdApp.*")  # invalid SMILES are routine here; their reason goes to Parsed.error, not stderr
@@ -327,7 +328,7 @@ class Molecule(Task):
             self._live.discard(proc)  # before reaping, so close() never signals a recycled pid
         proc.communicate()
         deadline = time.monotonic() + 10
-        while _group_members(proc.pid) and time.monotonic() < deadline:
+        while group_members(proc.pid) and time.monotonic() < deadline:
             time.sleep(0.01)
 
     def solved(self, score):
@@ -352,18 +353,9 @@ class Molecule(Task):
                 self._signal(proc)
 
 
-def _group_members(pgid) -> list[int]:
-    """Live (not zombie) processes of a process group, from /proc (Linux)."""
-    alive = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()  # after "(comm)": state, ppid, pgrp, ...
-        except OSError:
-            continue  # exited while we looked
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            alive.append(int(pid))
-    return alive
+def group_members(pgid) -> list[int]:
+    """Live (not zombie) processes of a process group."""
+    return [pid for pid, p in processes().items() if p.state != "Z" and p.pgid == pgid]
 
 
 def dock_worker(target, smiles, num_cpus, workdir):

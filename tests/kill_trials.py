@@ -32,6 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # lora, jail: run as a script from anywhere
 
 from jail import UID_BASE  # noqa: E402  (after the path fix)
+from sandbox import processes  # noqa: E402
 
 LOG_ENV = "MIGRATE_REWARD_LOG"
 TASK_FILE = '''"""{cls} whose reward calls are logged for tests/kill_trials.py: one JSON line per candidate, fsynced
@@ -77,23 +78,6 @@ RUN_TIMEOUT_S = 180
 
 
 # ---------------------------------------------------------------- processes
-
-
-def proc_table() -> dict:
-    """{pid: (ppid, pgid, starttime, uid, state)} of every process, read from /proc."""
-    out = {}
-    for p in os.listdir("/proc"):
-        if not p.isdigit():
-            continue
-        try:
-            with open(f"/proc/{p}/stat") as f:
-                stat = f.read()
-            uid = os.stat(f"/proc/{p}").st_uid
-        except OSError:
-            continue  # exited meanwhile
-        rest = stat[stat.rindex(")") + 2:].split()  # the command name may hold spaces and parentheses
-        out[int(p)] = (int(rest[1]), int(rest[2]), int(rest[19]), uid, rest[0])
-    return out
 
 
 def children(pid) -> list[int]:
@@ -158,14 +142,13 @@ class Watch:
 
     def leftovers(self) -> list[str]:
         """Live processes of this trial: in a run.py's group, a descendant seen before, or a sandbox uid of one."""
-        table = proc_table()
         uids = {UID_BASE + p for p in self.seen}
         left = []
-        for pid, (ppid, pgid, start, uid, state) in table.items():
-            if state == "Z":
+        for pid, p in processes().items():
+            if p.state == "Z":
                 continue  # dead, waiting for its (new) parent to reap it
-            if pgid in self.roots or self.seen.get(pid) == start or uid in uids:
-                left.append(f"pid {pid} (pgid {pgid}, uid {uid}, state {state})")
+            if p.pgid in self.roots or self.seen.get(pid) == p.start or p.uid in uids:
+                left.append(f"pid {pid} (pgid {p.pgid}, uid {p.uid}, state {p.state})")
         return left
 
     def wait_clean(self) -> list[str]:

@@ -1,7 +1,6 @@
 """Learning diagnostics (diagnostics.py) on the real tiny model: KL to the base policy is 0 before any update
 and positive after one, the best answer's log-prob gain follows, and the diagnostics change nothing a run
 samples or learns."""
-import os
 import time
 
 import torch

@@ -2,7 +2,6 @@
 docking timeout (both skipped only when the optional extra, requirements-dock.txt, is not installed)."""
 import json
 import math
-import os
 import random
 import subprocess
 import sys
@@ -191,22 +190,9 @@ def test_docking_timeout_scores_zero_and_kills_its_processes(monkeypatch):
     scores = t.reward([CAFFEINE, ASPIRIN])  # two at once: the pool runs both
     assert time.time() - t0 < 15, "timed-out dockings were waited for"
     assert len(groups) == 2 and all(s.reward == 0.0 and "timed out" in s.info["error"] for s in scores), scores
-    assert live_members(groups) == [], "processes of a timed-out docking are still running"
+    assert [p for g in groups for p in M.group_members(g)] == [], "processes of a timed-out docking are still running"
     t.close()
 
-
-def live_members(groups):
-    """Non-zombie processes whose process group is one of `groups` (Linux /proc)."""
-    alive = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()  # after "(comm)": state, ppid, pgrp, ...
-        except OSError:
-            continue  # exited while we looked
-        if fields[0] != "Z" and int(fields[2]) in groups:
-            alive.append(int(pid))
-    return alive
 
 
 @pytest.mark.slow

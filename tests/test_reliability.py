@@ -26,6 +26,7 @@ import torch
 
 import kill_trials
 from default_model import tiny_model_path
+from sandbox import processes
 from tasks import Parsed, load_task
 from tasks.arc_agi import fenced
 
@@ -58,7 +59,7 @@ def test_leftover_check_sees_a_process_that_left_the_group():
     deadline, escaped = time.monotonic() + 5, []
     while not escaped and time.monotonic() < deadline:  # until the child has called setsid
         time.sleep(0.01)
-        escaped = [pid for pid in watch.update() if kill_trials.proc_table().get(pid, (0, p.pid))[1] != p.pid]
+        escaped = [pid for pid in watch.update() if getattr(processes().get(pid), "pgid", p.pid) != p.pid]
     os.killpg(p.pid, signal.SIGKILL)
     p.wait()
     try:

@@ -120,18 +120,8 @@ def workroot(monkeypatch, tmp_path):
 
 def leftovers(pid):
     """Live processes of the child's uid, session or process group."""
-    found = []
-    for p in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{p}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            with open(f"/proc/{p}/status") as f:
-                uid = next(int(ln.split()[1]) for ln in f if ln.startswith("Uid:"))
-        except (OSError, StopIteration):
-            continue
-        if fields[0] != "Z" and (int(fields[2]) == pid or int(fields[3]) == pid or uid == jail.UID_BASE + pid):
-            found.append(int(p))
-    return found
+    return [p for p, proc in sandbox.processes().items()
+            if proc.state != "Z" and (proc.pgid == pid or proc.sid == pid or proc.uid == jail.UID_BASE + pid)]
 
 
 def repo_hash():

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cpu_linear import Linear  # nn.Linear, multiplying on a CPU with the library measured fastest there
 from tokenizer import Tokenizer
 
 SUPPORTED = {  # architectures entry of config.json -> model_type
@@ -118,88 +119,6 @@ def apply_rope(x, cos, sin_signed):
     The sign lives in sin_signed = cat(-sin, sin), so rotate_half becomes one roll (4 ops instead of 7,
     paid 60 times per decoded token)."""
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin_signed)
-
-
-def linear(x, weight, bias=None):
-    """F.linear; on a CPU in float32, through whichever library multiplies fastest on this machine (chosen by
-    measurement, see cpu_products): MKL's sgemm behind F.linear, the same with W @ x^T (2-3x faster for few
-    rows on an Intel Xeon), or oneDNN's (about 1.5x faster than MKL on an AMD EPYC, where MKL takes a slower
-    path). The result is the same product up to float32 rounding."""
-    if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 or x.numel() == 0
-            or torch.compiler.is_compiling()):  # a compiled step is the compiler's to lower
-        return F.linear(x, weight, bias)
-    rows = x.numel() // x.shape[-1]
-    how = cpu_products(rows)
-    if how == "onednn":
-        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or
-                                         (bias is not None and bias.requires_grad)):
-            return _OneDNNLinear.apply(x, weight, bias)
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-    if how == "mm" and rows <= 32:
-        y = torch.mm(weight, x.reshape(rows, x.shape[-1]).t()).t()  # (rows, out), column-major
-        # Back to row-major (a few KB): kernels downstream, SDPA's flash path among them, need a unit last stride.
-        y = y.contiguous()
-        if bias is not None:
-            y = y + bias
-        return y.view(*x.shape[:-1], weight.shape[0])
-    return F.linear(x, weight, bias)
-
-
-class _OneDNNLinear(torch.autograd.Function):
-    """oneDNN's product forward; the backward as F.linear's (the gradients are plain matrix products)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        gx = gw = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = grad @ weight  # (..., out) @ (out, in)
-        if ctx.needs_input_grad[1]:
-            gw = grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = grad.reshape(-1, grad.shape[-1]).sum(0)
-        return gx, gw, gb
-
-
-_CPU_PRODUCTS = {}  # 1 (few rows) or 2 (many) -> "onednn" | "mm" | "mkl"
-
-
-def cpu_products(rows) -> str:
-    """How this machine multiplies float32 weights fastest, measured once for few rows (<= 32: decoding,
-    short completions) and once for many (prompts, training), on a matrix of a typical shape."""
-    bucket = 1 if rows <= 32 else 2
-    if bucket not in _CPU_PRODUCTS:
-        import time
-        n = 16 if bucket == 1 else 256
-        g = torch.Generator().manual_seed(0)
-        w, x = torch.randn(3072, 768, generator=g), torch.randn(n, 768, generator=g)
-        ways = {"mkl": lambda: F.linear(x, w), "mm": lambda: torch.mm(w, x.t()).t().contiguous()}
-        if torch.backends.mkldnn.is_available():
-            ways["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
-        if bucket == 2:
-            ways.pop("mm")  # W @ x^T only ever helps few rows
-        best = {}
-        with torch.no_grad():
-            for name, f in ways.items():
-                f()
-                best[name] = float("inf")
-                for _ in range(5):
-                    t = time.perf_counter()
-                    f()
-                    best[name] = min(best[name], time.perf_counter() - t)
-        _CPU_PRODUCTS[bucket] = min(best, key=best.get)
-    return _CPU_PRODUCTS[bucket]
-
-
-class Linear(nn.Linear):
-    def forward(self, x):
-        return linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from default_model import default_model_path, tiny_model_path, unpermute_rope_rows
-from model import ModelError, build_model, linear, load_model
+from cpu_linear import linear
+from model import ModelError, build_model, load_model
 from sampling import Sampler
 
 transformers = pytest.importorskip("transformers")
@@ -99,7 +100,7 @@ def test_smollm2_logits_match_transformers(smol, smol_hf, monkeypatch, products)
     # With MKL's sgemm for every product, as transformers' F.linear, the math must agree to 1e-4. With the
     # library this machine measured fastest (oneDNN on an AMD EPYC), the products sum in another order: the
     # logits then agree to float32 rounding of the largest one (1e-5 relative; 1.75e-4 of 26 seen).
-    import model as M
+    import cpu_linear as M
     _, model, tok = smol
     if products == "mkl":
         monkeypatch.setattr(M, "_CPU_PRODUCTS", {1: "mkl", 2: "mkl"})
@@ -114,9 +115,9 @@ def test_smollm2_logits_match_transformers(smol, smol_hf, monkeypatch, products)
 
 @pytest.mark.parametrize("way", ["mm", "onednn", "mkl"])
 def test_every_cpu_product_path_equals_linear(monkeypatch, way):
-    # model.linear multiplies by the library measured fastest here (W @ x^T for few rows, oneDNN, or MKL's
+    # cpu_linear.linear multiplies by the library measured fastest here (W @ x^T for few rows, oneDNN, or MKL's
     # F.linear): each must agree with F.linear up to float32 rounding, forward and backward.
-    import model as M
+    import cpu_linear as M
     if way == "onednn" and not torch.backends.mkldnn.is_available():
         pytest.skip("no oneDNN in this torch build")
     monkeypatch.setattr(M, "_CPU_PRODUCTS", {1: way, 2: way})

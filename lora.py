@@ -17,7 +17,7 @@ import tempfile
 import torch
 import torch.nn as nn
 
-from model import Linear
+from cpu_linear import Linear
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

@@ -15,6 +15,7 @@ import json
 import platform
 import sys
 import time
+from dataclasses import replace
 
 import torch
 
@@ -139,7 +140,7 @@ def toy_reward(text):
 def bench_grpo(args):
     """One GRPO iteration (sample G completions, score, one clipped-loss update of LoRA r=16 on q/v) for us and
     for TRL's GRPOTrainer with a PEFT LoRA of the same shape, on the same weights, float32 CPU."""
-    from grpo import GRPOConfig, Learner, Member
+    from grpo import GRPOConfig, Learner
     from lora import inject_lora
 
     path = model_path(args.model)
@@ -155,7 +156,7 @@ def bench_grpo(args):
             t = time.perf_counter()
             outs = sampler.generate([prompt], n=G, max_new_tokens=new, stop_ids=(),
                                     generator=torch.Generator().manual_seed(it))
-            learner.step(prompt, [Member("on-policy", o.ids, toy_reward(o.text)) for o in outs])
+            learner.step(prompt, [replace(o, reward=toy_reward(o.text)) for o in outs])
             if it:
                 ours[weights].append(time.perf_counter() - t)
     trl_times = bench_trl(path, G, new, args.iterations)
@@ -227,7 +228,7 @@ def bench_gpu(args):
     same bf16 weights, the share of the memory-bandwidth roofline reached at batch 1, and one GRPO iteration
     on an ARC-sized group (~4k-token prompt, G=16, 512 new tokens): seconds and peak memory."""
     from transformers import AutoModelForCausalLM, AutoConfig
-    from grpo import GRPOConfig, Learner, Member
+    from grpo import GRPOConfig, Learner
     from lora import inject_lora
     from model import build_model
     assert torch.cuda.is_available(), "bench.py gpu needs a CUDA GPU"
@@ -275,7 +276,7 @@ def bench_gpu(args):
         t = time.perf_counter()
         outs = Sampler(model, tok).generate([arc_prompt], n=16, max_new_tokens=512, stop_ids=())
         sample_s = time.perf_counter() - t
-        learner.step(arc_prompt, [Member("on-policy", o.ids, i / 16) for i, o in enumerate(outs)])
+        learner.step(arc_prompt, [replace(o, reward=i / 16) for i, o in enumerate(outs)])
         torch.cuda.synchronize()
         out["models"][cname] = {"decode": rows, "grpo_arc_iteration_s": round(time.perf_counter() - t, 2),
                                 "grpo_arc_sample_s": round(sample_s, 2),

@@ -18,27 +18,17 @@ the current policy, like on-policy ones; "importance" weights each NS token by t
 min(pi(y_t | task prompt) / pi(y_t | NS prompt), c), the NS-prompt log-prob being the sampler's.
 """
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
 
 from lora import lora_disabled, lora_parameters
+from sampling import Rollout
 from shared_prompt import completion_logprobs, pad
 
 SOURCES = ("on-policy", "greedy", "neighbour")  # a member's role in its group (database.SOURCES: where a
 #                                               candidate came from)
-
-
-@dataclass
-class Member:
-    """One completion of a group, with where it came from (the currency between search and learner)."""
-    source: str  # "on-policy" | "greedy" | "neighbour"
-    completion_ids: list[int]
-    reward: float
-    text: str = ""
-    gen_logprobs: list[float] | None = None  # sampler log-probs under the prompt it was generated from
-    info: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -65,7 +55,7 @@ class GRPOConfig:
 # ---------------------------------------------------------------- the group
 
 
-def build_group(sampled: list[Member], greedy: list, failed="group", repeats="keep") -> list[Member]:
+def build_group(sampled: list[Rollout], greedy: list, failed="group", repeats="keep") -> list[Rollout]:
     """One step's GRPO group: the sampled members (on-policy and neighbourhood, info["kind"] "new", "repeat":
     only known candidates, or "failed": none valid), then the greedy ones, replayed from the database's best
     rows (database.Row: no oracle call, no sampling). A sampled member whose reward is None (the budget ran
@@ -73,7 +63,7 @@ def build_group(sampled: list[Member], greedy: list, failed="group", repeats="ke
     Semantle; repeats="zero" trains a repeat at reward 0 (it found nothing new), "keep" at its known reward."""
     members = [replace(m, reward=0.0) if repeats == "zero" and m.info.get("kind") == "repeat" else m
                for m in sampled if m.reward is not None and (failed == "group" or m.info.get("kind") != "failed")]
-    return members + [Member("greedy", g.completion_ids, g.reward, g.completion) for g in greedy]
+    return members + [Rollout(g.completion_ids, g.completion, source="greedy", reward=g.reward) for g in greedy]
 
 
 # ---------------------------------------------------------------- pure functions
@@ -146,24 +136,24 @@ class Learner:
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_factor(cfg))
 
-    def step(self, prompt_ids: list[int], members: list[Member]) -> dict:
+    def step(self, prompt_ids: list[int], members: list[Rollout]) -> dict:
         """Train on one group for mu inner epochs. Returns statistics for metrics.jsonl."""
         cfg = self.cfg
         # 1. Advantages relative to the whole group; which members train.
         rewards = torch.tensor([m.reward for m in members], dtype=torch.float32)
         adv = group_advantages(rewards, cfg.scale_std)
         keep = [i for i, m in enumerate(members)
-                if m.completion_ids and not (cfg.mask_zero_reward and m.reward == 0)]
+                if m.ids and not (cfg.mask_zero_reward and m.reward == 0)]
         stats = {"zero_spread": bool(rewards.max() == rewards.min()), "trained_members": len(keep),
                  "loss": None, "grad_norm": None, "skipped": None}
         if stats["zero_spread"] or not keep or all(adv[i] == 0 for i in keep):
             stats["skipped"] = "no reward spread" if stats["zero_spread"] else "no member to train"
             return stats
         # 2. Every trained member as a completion of the task prompt, whatever prompt it was sampled under.
-        keep.sort(key=lambda i: len(members[i].completion_ids))  # similar lengths share a micro-batch
+        keep.sort(key=lambda i: len(members[i].ids))  # similar lengths share a micro-batch
         rows = [members[i] for i in keep]
         dev = self.model.lm_head.weight.device
-        ids, lengths = pad([m.completion_ids for m in rows], dev)  # (N, T), (N,)
+        ids, lengths = pad([m.ids for m in rows], dev)  # (N, T), (N,)
         mask = length_mask(lengths, ids.shape[1]).to(dev)
         gen, is_ns = self._behaviour_logprobs(rows, ids.shape[1], dev)
         ref = None
@@ -206,9 +196,9 @@ class Learner:
         gen = torch.zeros(len(rows), T)
         is_ns = torch.zeros(len(rows), dtype=torch.bool)
         for i, m in enumerate(rows):
-            if m.source == "neighbour" and m.gen_logprobs:
-                assert len(m.gen_logprobs) == len(m.completion_ids), "one sampler log-prob per token"
-                gen[i, :len(m.gen_logprobs)] = torch.tensor(m.gen_logprobs)
+            if m.source == "neighbour" and m.logprobs:
+                assert len(m.logprobs) == len(m.ids), "one sampler log-prob per token"
+                gen[i, :len(m.logprobs)] = torch.tensor(m.logprobs)
                 is_ns[i] = True
         return gen.to(dev), is_ns.to(dev)
 

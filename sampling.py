@@ -22,13 +22,20 @@ REPACK_STEPS = 64  # repack for a smaller batch only if this many steps may rema
 
 
 @dataclass
-class Completion:
-    ids: list[int]
+class Rollout:
+    """One completion, the record that carries it from the sampler through the search to the learner (STYLE
+    rule 8): the sampler fills its tokens, the search its source and reward, the learner trains on it. (The
+    database stores what it found per candidate: database.Row.)"""
+    ids: list[int]  # the completion's token ids, the end-of-sequence token included when it ended on one
     text: str
-    logprobs: list[float]  # log-probability of each sampled token under the distribution it was drawn from
-    stop_reason: str  # "stop_token" | "stop_string" | "length"
+    logprobs: list[float] | None = None  # of each sampled token under the distribution it was drawn from
+    #                                      (its own prompt's); None for one not sampled (a greedy replay)
+    stop_reason: str = ""  # "stop_token" | "stop_string" | "length"
     prompt_index: int = 0
     prompt_ids: list[int] = field(default_factory=list, repr=False)
+    source: str = "on-policy"  # its role in a GRPO group: "on-policy" | "greedy" | "neighbour" (grpo.SOURCES)
+    reward: float | None = None  # None until scored (and if the budget ran out first)
+    info: dict = field(default_factory=dict)  # e.g. "kind": "new" | "repeat" | "failed" (search.py)
 
 
 class KVCache:
@@ -231,7 +238,7 @@ class Sampler:
 
     @torch.inference_mode()
     def generate(self, prompts, n=1, max_new_tokens=128, temperature=1.0, top_p=1.0, top_k=0,
-                 stop_strings=(), generator=None, stop_ids=None, stop_when=None, on_finish=None) -> list[Completion]:
+                 stop_strings=(), generator=None, stop_ids=None, stop_when=None, on_finish=None) -> list[Rollout]:
         """Sample n completions of each prompt (token-id lists or strings); n may be a list, one per prompt.
 
         stop_ids None means the tokenizer's; () never stops on a token (benchmarks). A row stops when its
@@ -363,7 +370,7 @@ class Sampler:
         return outs
 
     def _completion(self, r, out_ids, out_lp, reason, fan_l, prompts):
-        return Completion(ids=out_ids[r], text=self.tok.decode(out_ids[r]), logprobs=out_lp[r],
+        return Rollout(ids=out_ids[r], text=self.tok.decode(out_ids[r]), logprobs=out_lp[r],
                           stop_reason=reason[r], prompt_index=fan_l[r], prompt_ids=prompts[fan_l[r]])
 
 

@@ -18,13 +18,13 @@ import math
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from database import Row
 from diagnostics import adapter_change, policy_movement
-from grpo import SOURCES, Member, build_group
+from grpo import SOURCES, build_group
 from tasks import Score
 
 # method -> (alpha, beta, gamma) from the preset mix and the baselines' on-policy share n0, the NS prompt
@@ -185,7 +185,7 @@ class Search:
                                                early)
         t_reward = time.perf_counter()
         new_calls = len(new_rewards)
-        sampled = [Member(src, o.ids, r, prefix + o.text, o.logprobs, {"kind": kind})
+        sampled = [replace(o, text=prefix + o.text, source=src, reward=r, info={"kind": kind})
                    for src, o, r, kind in zip(sources, outs, rewards, kinds)]
         members = build_group(sampled, greedy, cfg.failed, cfg.repeats)
         stats = {}
@@ -212,7 +212,7 @@ class Search:
         spent = time.perf_counter() - t0
         if self.trains and self.diagnose and self.diag_seconds <= self.diagnose * (self.run_seconds + spent):
             t_diag = time.perf_counter()
-            diag.update(policy_movement(self.learner, self.task_prompt, [m.completion_ids for m in members],
+            diag.update(policy_movement(self.learner, self.task_prompt, [m.ids for m in members],
                                         best.completion_ids if best else None))
             diag["dw_rel"] = adapter_change(self.learner.model)
             self.diag_seconds += time.perf_counter() - t_diag

@@ -8,16 +8,16 @@ import torch
 from database import Database
 from default_model import tiny_model_path
 from diagnostics import adapter_change, policy_movement
-from grpo import GRPOConfig, Learner, Member
+from grpo import GRPOConfig, Learner
 from lora import inject_lora, lora_parameters
 from model import load_model
-from sampling import Sampler
+from sampling import Rollout, Sampler
 from search import Search, SearchConfig
 from tasks import load_task
 
 
 def group(tok, rewards):
-    return [Member("on-policy", tok.encode(f"answer number {i} is {'x' * (i + 1)}"), r) for i, r in enumerate(rewards)]
+    return [Rollout(tok.encode(t := f"answer number {i} is {'x' * (i + 1)}"), t, reward=r) for i, r in enumerate(rewards)]
 
 
 def test_kl_is_zero_before_the_first_update_and_positive_after():
@@ -29,7 +29,7 @@ def test_kl_is_zero_before_the_first_update_and_positive_after():
     learner = Learner(model, GRPOConfig(lr=1e-3, mu=1))
     # the zero-reward member stays in the group mean but leaves the loss: only the best one is trained
     prompt, members = tok.encode("a prompt of some length"), group(tok, [0.0, 0.9])
-    comps, best = [m.completion_ids for m in members], members[1].completion_ids
+    comps, best = [m.ids for m in members], members[1].ids
     before = policy_movement(learner, prompt, comps, best)
     assert before["kl"] == 0.0 and before["best_logp_gain"] == 0.0 and adapter_change(model) == 0.0, before
     assert before["best_logp"] < 0

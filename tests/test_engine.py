@@ -13,11 +13,12 @@ import torch
 
 from database import Database, Row
 from default_model import tiny_model_path
-from grpo import (GRPOConfig, Learner, Member, clipped_token_loss, group_advantages, length_mask,
+from grpo import (GRPOConfig, Learner, clipped_token_loss, group_advantages, length_mask,
                   reduce_loss)
 from lora import (inject_lora, load_adapter, lora_disabled, lora_modules, lora_parameters, merge_lora,
                   save_adapter)
 from model import load_model
+from sampling import Rollout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -144,7 +145,7 @@ def test_padding_gets_no_gradient_and_the_last_token_does():
 
 def members(tok, rewards, eos=True):
     texts = ["abc", "defgh", "x", "hello"]
-    return [Member("on-policy", tok.encode(t) + ([tok.eos_id] if eos else []), r) for t, r in zip(texts, rewards)]
+    return [Rollout(tok.encode(t) + ([tok.eos_id] if eos else []), t, reward=r) for t, r in zip(texts, rewards)]
 
 
 def test_one_step_moves_lora_and_not_the_base(tiny):
@@ -167,8 +168,8 @@ def test_shared_prompt_gradient_equals_per_member_gradient(tiny):
     adv = group_advantages(torch.tensor([m.reward for m in group]))
     total = 0
     for m, a in zip(group, adv):
-        logits = naive(torch.tensor([prompt + m.completion_ids]))[0, len(prompt) - 1:-1]
-        lp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(m.completion_ids)[:, None])[:, 0]
+        logits = naive(torch.tensor([prompt + m.ids]))[0, len(prompt) - 1:-1]
+        lp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(m.ids)[:, None])[:, 0]
         total = total + clipped_token_loss(lp[None], lp[None].detach(), a[None]).mean() / len(group)
     total.backward()
     for cfg in [GRPOConfig(mu=1, tokens_per_microbatch=8), GRPOConfig(mu=1, activation_checkpointing=True)]:
@@ -204,7 +205,7 @@ def test_importance_weights_only_touch_neighbour_members(tiny):
     randomise_lora(model)
     group = members(tok, [0.2, 0.9, 0.5, 0.1])
     # a behaviour log-prob far above the policy's: truncated ratio ~0, so this member barely trains
-    group[1] = Member("neighbour", group[1].completion_ids, 0.9, gen_logprobs=[0.0] * len(group[1].completion_ids))
+    group[1] = Rollout(group[1].ids, group[1].text, [0.0] * len(group[1].ids), source="neighbour", reward=0.9)
     grads = {}
     for mode in ("task-prompt", "importance"):
         learner = Learner(copy.deepcopy(model), GRPOConfig(mu=1, offpolicy=mode, max_grad_norm=1e9))

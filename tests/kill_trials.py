@@ -13,7 +13,7 @@ the database; then `--resume` (or restart, if the kill came before config.json e
 Checks after the end: exit 0, summary.json, oracle calls == budget (or the stop reason's own condition),
 unique keys, metrics steps 1..N, every candidate committed before a kill still there once with the same
 reward and never scored again after that kill, no key scored twice by one process, no process left alive.
-The test suite imports `run_trials` (tests/test_reliability.py).
+The test suite imports `run_trials` (tests/test_kill_resume.py).
 """
 import argparse
 import json

@@ -1,0 +1,152 @@
+"""Bad input (issue 6), from users and from tasks: each bad command line must exit 2 with exactly one stderr line
+that names the problem and the fix, no traceback; a task that returns non-finite rewards must not reach the
+database, the metrics or the adapter with them. The real command line, in its own process.
+"""
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from default_model import tiny_model_path
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, OMP_NUM_THREADS="1")  # the tiny model gains nothing from threads on a shared machine
+
+
+def run_cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=ENV)
+
+
+# ---------------------------------------------------------------- bad user input through the command line
+
+
+@pytest.fixture(scope="module")
+def broken(tmp_path_factory):
+    """Broken model folders (copies of the tiny model) and broken run folders (copies of a finished run)."""
+    base = tmp_path_factory.mktemp("broken")
+    tiny = tiny_model_path()
+    paths = {}
+    for name in ("garbage", "truncated", "arch", "notok"):
+        paths[name] = str(base / name)
+        shutil.copytree(tiny, paths[name])
+    weights = open(os.path.join(tiny, "model.safetensors"), "rb").read()
+    open(os.path.join(paths["garbage"], "model.safetensors"), "wb").write(random.Random(0).randbytes(5000))
+    open(os.path.join(paths["truncated"], "model.safetensors"), "wb").write(weights[:len(weights) // 3])
+    cfg = json.load(open(os.path.join(tiny, "config.json")))
+    cfg.update(architectures=["GPT2LMHeadModel"], model_type="gpt2")
+    json.dump(cfg, open(os.path.join(paths["arch"], "config.json"), "w"))
+    os.remove(os.path.join(paths["notok"], "tokenizer.json"))
+    run = str(base / "run")
+    r = run_cli("--task", "toy", "--model", "tiny", "--budget", "4", "--out", run)
+    assert r.returncode == 0, r.stderr
+    for name in ("badcfg", "truncck", "garbck", "baddb"):
+        paths[name] = str(base / name)
+        shutil.copytree(run, paths[name])
+    ck = open(os.path.join(run, "checkpoint.pt"), "rb").read()
+    open(os.path.join(paths["badcfg"], "config.json"), "w").write(open(os.path.join(run, "config.json")).read()[:50])
+    open(os.path.join(paths["truncck"], "checkpoint.pt"), "wb").write(ck[:len(ck) // 2])
+    open(os.path.join(paths["garbck"], "checkpoint.pt"), "wb").write(random.Random(1).randbytes(3000))
+    open(os.path.join(paths["baddb"], "candidates.sqlite"), "wb").write(random.Random(2).randbytes(3000))
+    paths["notrun"] = str(base / "notrun")
+    os.makedirs(paths["notrun"])
+    paths["afile"] = str(base / "afile")
+    open(paths["afile"], "w").write("not a folder")
+    return paths
+
+
+# (args with {name} placeholders for `broken`, what the line must name, a regex any fix wording must match)
+BAD_INPUT = {
+    "unknown task": (["--task", "nosuch"], "nosuch", r"available|choose"),
+    "arc task id": (["--task", "arc", "--task-id", "zzzzzzzz"], "zzzzzzzz", r"look like|e\.g\.|use"),
+    "semantle task id": (["--task", "semantle", "--task-id", "two words"], "two words", r"must be|e\.g\."),
+    "molecule task id": (["--task", "molecule", "--task-id", "nosuch"], "nosuch", r"use |e\.g\."),
+    "toy task id": (["--task", "toy", "--task-id", "X"], "'X'", r"must be"),
+    "negative budget": (["--task", "toy", "--model", "tiny", "--budget", "-5"], "-5", r"at least"),
+    "missing model folder": (["--task", "toy", "--model", "/no/such/model"], "/no/such/model", r"give|--model"),
+    "garbage safetensors": (["--task", "toy", "--model", "{garbage}"], "model.safetensors", r"re-download|re-convert"),
+    "truncated safetensors": (["--task", "toy", "--model", "{truncated}"], "model.safetensors",
+                              r"re-download|re-convert"),
+    "unsupported architecture": (["--task", "toy", "--model", "{arch}"], "GPT2LMHeadModel", r"supported"),
+    "no tokenizer.json": (["--task", "toy", "--model", "{notok}"], "tokenizer.json", r"re-download|re-convert|give"),
+    "cuda without a GPU": (["--task", "toy", "--model", "tiny", "--device", "cuda"], "cuda", r"--device cpu"),
+    "unknown device": (["--task", "toy", "--model", "tiny", "--device", "tpu"], "tpu", r"cpu"),
+    "out is a file": (["--task", "toy", "--model", "tiny", "--out", "{afile}"], "afile", r"--out|another|choose"),
+    "resume: not a run folder": (["--resume", "{notrun}"], "notrun", r"run\.py wrote|give"),
+    "resume: missing folder": (["--resume", "/no/such/run"], "/no/such/run", r"run\.py wrote|give"),
+    "resume: corrupt config.json": (["--resume", "{badcfg}"], "config.json", r"start it again|--out"),
+    "resume: truncated checkpoint.pt": (["--resume", "{truncck}"], "checkpoint.pt", r"remove|start"),
+    "resume: garbage checkpoint.pt": (["--resume", "{garbck}"], "checkpoint.pt", r"remove|start"),
+    "resume: corrupt candidates.sqlite": (["--resume", "{baddb}"], "candidates.sqlite", r"cannot be resumed|start"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_exits_2_with_one_line(case, broken, tmp_path):
+    args, names, fix = BAD_INPUT[case]
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    args = [a.format(**broken) for a in args]
+    if "--resume" not in args and "--out" not in args:
+        args += ["--out", str(tmp_path / "out")]
+    r = run_cli(*args)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(lines) == 1, \
+        f"exit {r.returncode}, {len(lines)} stderr lines:\n{r.stderr[-1500:]}"
+    line = lines[0]
+    assert line.startswith("error: ") and names in line, line
+    assert re.search(fix, line), f"the line names no fix: {line}"
+    if case == "unknown device":
+        assert "corrupt" not in line, f"blames the model file for a bad --device: {line}"
+
+
+# ---------------------------------------------------------------- non-finite rewards
+
+NAN_TASK = '''"""Toy, but every other candidate scores NaN, +inf or -inf: a buggy task the engine must survive."""
+from tasks import Score
+from tasks.toy import Toy
+
+BAD = [float("nan"), float("inf"), float("-inf")]
+
+
+class NanToy(Toy):
+    def reward(self, candidates):
+        scores = Toy.reward(self, candidates)
+        return [Score(BAD[i % 3], s.info) if i % 2 == 0 else s for i, s in enumerate(scores)]
+
+
+TASK = NanToy
+'''
+
+
+def test_non_finite_rewards_never_reach_the_database_or_the_adapter(tmp_path):
+    from safetensors.torch import load_file
+    task_file, out = tmp_path / "nan_toy.py", str(tmp_path / "run")
+    task_file.write_text(NAN_TASK)
+    r = run_cli("--task", str(task_file), "--model", "tiny", "--budget", "16", "--out", out)
+    assert r.returncode == 0, r.stderr[-1500:]
+    conn = sqlite3.connect(os.path.join(out, "candidates.sqlite"))
+    rows = conn.execute("SELECT key, reward, info FROM candidates WHERE oracle = 1").fetchall()
+    conn.close()
+    assert len(rows) == 16
+    assert all(isinstance(rw, float) and math.isfinite(rw) for _, rw, _ in rows), rows
+    flagged = [k for k, _, info in rows if "non-finite" in json.loads(info).get("error", "")]
+    assert flagged, "the candidates the task scored NaN/inf say so in their info"
+    state = load_file(os.path.join(out, "adapter", "adapter_model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in state.values())
+    ck = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
+    assert all(torch.isfinite(v).all() for v in ck["lora"].values())
+    for line in open(os.path.join(out, "metrics.jsonl")):
+        m = json.loads(line)
+        for k in ("best_reward", "group_reward_mean", "group_reward_max", "loss", "grad_norm"):
+            assert m[k] is None or math.isfinite(m[k]), (k, m)
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert math.isfinite(summary["best_reward"])

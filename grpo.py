@@ -26,6 +26,7 @@ import torch
 from lora import lora_disabled, lora_parameters
 from sampling import Rollout
 from shared_prompt import completion_logprobs, pad
+from tasks import Preset
 
 SOURCES = ("on-policy", "greedy", "neighbour")  # a member's role in its group (database.SOURCES: where a
 #                                               candidate came from)
@@ -33,8 +34,8 @@ SOURCES = ("on-policy", "greedy", "neighbour")  # a member's role in its group (
 
 @dataclass
 class GRPOConfig:
-    lr: float = 5e-5
-    mu: int = 2  # inner epochs over one group
+    lr: float = Preset.lr  # a task's preset sets these two; run.py records what a run used in config.json
+    mu: int = Preset.mu  # inner epochs over one group
     eps_low: float = 0.2
     eps_high: float = 0.28
     norm: str = "sequence"  # "sequence" | "token"

@@ -41,7 +41,8 @@ def parser():
                    help="group size N; for migrate alpha becomes N - beta - gamma (default: alpha+beta+gamma)")
     g.add_argument("--max-new-tokens", type=int, default=None, help="tokens per completion (default: preset)")
     g.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: preset)")
-    g.add_argument("--patience", type=int, default=20, help="stop after this many steps with no new candidate")
+    g.add_argument("--patience", type=int, default=None,
+                   help="stop after this many steps with no new candidate (default: SearchConfig's)")
     g.add_argument("--failed", default=None, choices=["group", "drop"],
                    help="a completion with no valid candidate: in the GRPO group at reward 0, or left out of it "
                         "(default: preset; the reference's Semantle drops them, the Semantle cpu preset keeps them)")
@@ -71,13 +72,16 @@ def parser():
                    help="linear: warm-up, then decay to 0 over the preset's planned steps (the reference); "
                         "default: preset")
     g.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default: preset)")
-    g.add_argument("--norm", default="sequence", choices=["sequence", "token"], help="loss normalisation")
+    g.add_argument("--norm", default=None, choices=["sequence", "token"],
+                   help="loss normalisation (default: GRPOConfig's, sequence)")
     g.add_argument("--scale-std", action="store_true", help="divide advantages by the group's reward std")
     g.add_argument("--no-zero-mask", action="store_true", help="keep zero-reward members in the loss")
-    g.add_argument("--kl-coef", type=float, default=0.0, help="KL to the base policy (LoRA off); paper: 0")
-    g.add_argument("--offpolicy", default="task-prompt", choices=["task-prompt", "importance"],
-                   help="NS members: ratio 1 under the task prompt (paper) or truncated importance weights")
-    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
+    g.add_argument("--kl-coef", type=float, default=None,
+                   help="KL to the base policy (LoRA off) (default: GRPOConfig's; paper: 0)")
+    g.add_argument("--offpolicy", default=None, choices=["task-prompt", "importance"],
+                   help="NS members: ratio 1 under the task prompt (paper, GRPOConfig's default) or truncated "
+                        "importance weights")
+    g.add_argument("--max-grad-norm", type=float, default=None, help="gradient clipping (default: GRPOConfig's)")
     g.add_argument("--activation-checkpointing", action="store_true", help="recompute layers in backward")
     g.add_argument("--diagnostics", type=float, default=0.1, metavar="SHARE",
                    help="the most of the run's time the learning diagnostics of trained steps may take (KL to the "
@@ -95,8 +99,10 @@ class UsageError(Exception):
 
 
 def resolve(args) -> dict:
-    """Flags + the task's preset -> the full configuration recorded in config.json."""
-    from search import METHODS
+    """Flags + the task's preset (+ the learner's and the search's own defaults, for flags no preset sets) -> the
+    full configuration recorded in config.json."""
+    from grpo import GRPOConfig as G
+    from search import METHODS, SearchConfig as S
     from tasks import load_task
     options = task_options(args.task_option)
     task = load_task(args.task, args.task_id, seed=args.seed, options=options)
@@ -127,7 +133,7 @@ def resolve(args) -> dict:
                max_new_tokens=pick(args.max_new_tokens, pre.max_new_tokens),
                temperature=pick(args.temperature, pre.temperature),
                top_k_anchor=pre.ns_baseline_k if baseline else pre.top_k_anchor,
-               opro_k=pre.opro_baseline_k if baseline else pre.opro_k, patience=args.patience,
+               opro_k=pre.opro_baseline_k if baseline else pre.opro_k, patience=pick(args.patience, S.patience),
                failed=pick(args.failed, pre.failed), repeats=pick(args.repeats, pre.repeats),
                model=args.model, device=args.device, dtype=args.dtype,
                lr=pick(args.lr, pre.lr), lr_schedule=pick(args.lr_schedule, pre.lr_schedule),
@@ -135,8 +141,9 @@ def resolve(args) -> dict:
                weight_decay=pick(args.weight_decay, pre.weight_decay),
                lora_r=pick(args.lora_r, pre.lora_r), lora_alpha=pick(args.lora_alpha, pre.lora_alpha),
                lora_targets=args.lora_targets.split(","), lora_dropout=args.lora_dropout, mu=mu,
-               norm=args.norm, scale_std=args.scale_std, mask_zero_reward=not args.no_zero_mask,
-               kl_coef=args.kl_coef, offpolicy=args.offpolicy, max_grad_norm=args.max_grad_norm,
+               norm=pick(args.norm, G.norm), scale_std=args.scale_std, mask_zero_reward=not args.no_zero_mask,
+               kl_coef=pick(args.kl_coef, G.kl_coef), offpolicy=pick(args.offpolicy, G.offpolicy),
+               max_grad_norm=pick(args.max_grad_norm, G.max_grad_norm),
                activation_checkpointing=args.activation_checkpointing, label=args.label, compile=args.compile,
                sample_weights=args.sample_weights,
                diagnostics=args.diagnostics)
@@ -146,6 +153,13 @@ def resolve(args) -> dict:
                                           .replace(":", "_").replace("/", "_"))
     task.close()
     return cfg
+
+
+def config_of(cls, cfg: dict):
+    """The learner's or the search's config from config.json: every field of `cls` the run recorded (a run
+    from before a field existed gets the field's default, the behaviour it ran with)."""
+    from dataclasses import fields
+    return cls(**{f.name: cfg[f.name] for f in fields(cls) if f.name in cfg})
 
 
 def task_options(pairs) -> dict:
@@ -218,19 +232,12 @@ def run(cfg, resume=False) -> int:
     learner = None
     if METHODS[cfg["method"]][2]:
         inject_lora(model, cfg["lora_r"], cfg["lora_alpha"], tuple(cfg["lora_targets"]), cfg["lora_dropout"])
-        learner = Learner(model, GRPOConfig(
-            lr=cfg["lr"], mu=cfg["mu"], norm=cfg["norm"], scale_std=cfg["scale_std"],
-            mask_zero_reward=cfg["mask_zero_reward"], kl_coef=cfg["kl_coef"], offpolicy=cfg["offpolicy"],
-            max_grad_norm=cfg["max_grad_norm"], activation_checkpointing=cfg["activation_checkpointing"],
-            weight_decay=cfg.get("weight_decay", 0.0), lr_schedule=cfg.get("lr_schedule", "constant"),
-            warmup_ratio=cfg.get("warmup_ratio", 0.0), planned_steps=cfg.get("planned_steps", 0)))
+        learner = Learner(model, config_of(GRPOConfig, cfg))
     try:
         db = Database(os.path.join(out, "candidates.sqlite"))
     except sqlite3.DatabaseError as e:
         raise UsageError(f"{out}/candidates.sqlite is not a readable database ({e}); the run cannot be resumed")
-    search = Search(SearchConfig(**{k: cfg[k] for k in (
-        "method", "alpha", "beta", "gamma", "baseline_alpha", "budget", "max_new_tokens", "temperature",
-        "top_k_anchor", "opro_k", "patience", "failed", "repeats") if k in cfg}),
+    search = Search(config_of(SearchConfig, cfg),
         task, tok, Sampler(model, tok, compile=cfg.get("compile", False),
                            weights=cfg.get("sample_weights", "float32")), db, learner, seed=cfg["seed"],
         diagnose=cfg.get("diagnostics", 0.1))

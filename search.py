@@ -25,7 +25,7 @@ import torch
 from database import Row
 from diagnostics import adapter_change, policy_movement
 from grpo import SOURCES, build_group
-from tasks import Score
+from tasks import Preset, Score
 
 # method -> (alpha, beta, gamma) from the preset mix and the baselines' on-policy share n0, the NS prompt
 # kind, whether it trains, and whether it is an inference-only baseline (whose anchor and OPRO list sizes
@@ -51,7 +51,7 @@ class SearchConfig:
     budget: int = 100
     max_new_tokens: int = 64
     temperature: float = 1.0
-    top_k_anchor: int = 3  # the step's NS anchor: a random one of the k best
+    top_k_anchor: int = Preset.top_k_anchor  # the step's NS anchor: a random one of the k best
     opro_k: int = 10  # OPRO prompts list the k best
     patience: int = 20  # stop after this many steps without a new oracle call
     failed: str = "group"  # a completion with no valid candidate: "group" (reward 0) or "drop" (not in the group)

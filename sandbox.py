@@ -210,6 +210,8 @@ def processes() -> dict[int, Proc]:
         try:
             with open(f"/proc/{p}/stat") as f:
                 stat = f.read()
+            # The real uid from status, not the owner of /proc/PID: a program that makes itself non-dumpable
+            # (prctl PR_SET_DUMPABLE 0) shows root as that owner, and the sandbox's uid sweep would miss it.
             with open(f"/proc/{p}/status") as f:
                 uid = next(int(ln.split()[1]) for ln in f if ln.startswith("Uid:"))
         except (OSError, StopIteration, ValueError):

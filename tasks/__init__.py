@@ -3,7 +3,8 @@
 A task is one module in this folder defining a subclass of `Task` named `TASK`. It never imports the model
 or the learner: it turns completions into candidates and candidates into rewards, and the engine does the
 rest. Adding a task is adding a file; `load_task("name", task_id)` finds it by its file name, and
-`--task path/to/my_task.py` loads one from anywhere.
+`--task path/to/my_task.py` loads one from anywhere. The other modules here serve tasks and nothing else:
+embedder.py (Semantle's encoder), sandbox.py and jail.py (generated code, run locked down).
 
 Vocabulary:
 - completion: the text the model wrote for one prompt.
@@ -172,7 +173,9 @@ def load_task(name: str, task_id: str | None = None, seed: int = 0, options: dic
     except ModuleNotFoundError as e:
         if e.name != f"tasks.{module}":
             raise  # the task exists but one of its imports is missing
-        raise TaskError(f"unknown task '{name}'; available: {', '.join(available())}, or a path to a .py file") from None
+        mod = None
+    if not hasattr(mod, "TASK"):  # no such module, or one that serves tasks (tasks.sandbox)
+        raise TaskError(f"unknown task '{name}'; available: {', '.join(available())}, or a path to a .py file")
     return _build(mod.TASK, task_id, seed, options)
 
 
@@ -186,6 +189,9 @@ def _build(cls, task_id, seed, options):
 
 
 def available() -> list[str]:
-    import pkgutil
-    mods = [m.name for m in pkgutil.iter_modules([os.path.dirname(__file__)])]
+    """The task modules here: those that define TASK (read from the source, so that listing them imports no
+    task's dependencies)."""
+    here = os.path.dirname(__file__)
+    mods = [f.removesuffix(".py") for f in os.listdir(here) if f.endswith(".py") and f != "__init__.py"
+            and "\nTASK = " in open(os.path.join(here, f)).read()]
     return sorted(set(mods) | set(ALIASES))

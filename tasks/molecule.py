@@ -41,7 +41,7 @@ from concurrent.futures import ThreadPoolExecutor
 from rdkit import Chem, DataStructs, RDLogger
 from rdkit.Chem import QED, Crippen, rdFingerprintGenerator
 
-from sandbox import processes
+from tasks.sandbox import processes
 from tasks import Parsed, Preset, Score, Task, TaskError
 
 RDLogger.DisableLog("rdApp.*")  # invalid SMILES are routine here; their reason goes to Parsed.error, not stderr

@@ -141,7 +141,7 @@ class Semantle(Task):
 
     @property
     def embedder(self):
-        from embedder import load_embedder  # one shared encoder per process, loaded on first use
+        from tasks.embedder import load_embedder  # one shared encoder per process, loaded on first use
         return load_embedder()
 
     def reward(self, candidates):

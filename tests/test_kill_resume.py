@@ -1,4 +1,4 @@
-"""Kill and resume (issue 6): tests/kill_trials.py SIGKILLs run.py at seeded random moments and resumes it (toy
+"""Kill and resume (issue 6): kill_trials.py SIGKILLs run.py at seeded random moments and resumes it (toy
 and ARC, 10 trials each); a trial fails on any lost, changed or re-scored candidate, torn file or surviving
 process. Real processes, real tasks, real sandbox.
 """
@@ -14,7 +14,7 @@ import time
 import pytest
 
 import kill_trials
-from sandbox import processes
+from tasks.sandbox import processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1")  # the tiny model gains nothing from threads on a shared machine

@@ -12,8 +12,7 @@ import time
 
 import pytest
 
-import jail
-import sandbox
+from tasks import jail, sandbox
 
 TIMEOUT = 1.5
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,7 +38,7 @@ HOSTILE = {
     "delete_outside": "import os, shutil\ndef transform(g):\n    os.remove('{canary}')\n"
                       "    shutil.rmtree(os.path.dirname('{canary}'))\n    return g\n",
     "write_outside": "def transform(g):\n    open('{canary}', 'w').write('pwned')\n    return g\n",
-    "write_repo": "def transform(g):\n    open('" + REPO + "/jail.py', 'a').write('# pwned')\n    return g\n",
+    "write_repo": "def transform(g):\n    open('" + REPO + "/tasks/jail.py', 'a').write('# pwned')\n    return g\n",
     "read_passwd": "def transform(g):\n    return [[len(open('/etc/passwd').read()) % 10]]\n",
     "read_root_home": "import os\ndef transform(g):\n    return [[len(os.listdir('/root/.cache')) % 10]]\n",
     "env_secret": "import os\ndef transform(g):\n    return [[len(os.environ['MIGRATE_FAKE_SECRET']) % 10]]\n",
@@ -125,7 +124,8 @@ def leftovers(pid):
 
 
 def repo_hash():
-    return [hashlib.sha256(open(os.path.join(REPO, f), "rb").read()).hexdigest() for f in ("sandbox.py", "jail.py")]
+    return [hashlib.sha256(open(os.path.join(REPO, "tasks", f), "rb").read()).hexdigest()
+            for f in ("sandbox.py", "jail.py")]
 
 
 def check_contained(box, name, canary, workroot):

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from embedder import Bert, BertConfig, load_embedder, load_weights, model_dir
+from tasks.embedder import Bert, BertConfig, load_embedder, load_weights, model_dir
 from tasks import TaskError, load_task
 from tasks.semantle import PAPER_TARGETS, Semantle
 

@@ -43,7 +43,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from jail import UID_BASE, as_grid
+from tasks.jail import UID_BASE, as_grid
 
 RESULT_CAP = 1 << 20  # bytes of JSON results; 30x30 grids take ~3 KB each
 STDERR_CAP, STDERR_KEEP = 1 << 20, 2000  # a program writing more than this to stderr is flooding

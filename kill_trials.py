@@ -1,8 +1,8 @@
 """Kill-and-resume trials: SIGKILL `run.py` at random moments, resume it until it finishes, and check that
 nothing was lost, duplicated, scored twice or left running (issue 6; the README's resume promise).
 
-    python tests/kill_trials.py --trials 10 --task toy     # tiny model, toy task
-    python tests/kill_trials.py --trials 10 --task arc     # tiny model, ARC 66e6c45b: real sandboxed programs
+    python kill_trials.py --trials 10 --task toy     # tiny model, toy task
+    python kill_trials.py --trials 10 --task arc     # tiny model, ARC 66e6c45b: real sandboxed programs
 
 One trial: write a task file that wraps the real task so that every reward call appends one JSON line per
 candidate (key, pid, time) to a log, flushed and fsynced before it returns; start `run.py` in its own
@@ -28,14 +28,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # lora, jail: run as a script from anywhere
+from tasks.jail import UID_BASE
+from tasks.sandbox import processes
 
-from jail import UID_BASE  # noqa: E402  (after the path fix)
-from sandbox import processes  # noqa: E402
+ROOT = os.path.dirname(os.path.abspath(__file__))
 
 LOG_ENV = "MIGRATE_REWARD_LOG"
-TASK_FILE = '''"""{cls} whose reward calls are logged for tests/kill_trials.py: one JSON line per candidate, fsynced
+TASK_FILE = '''"""{cls} whose reward calls are logged for kill_trials.py: one JSON line per candidate, fsynced
 before reward() returns, so the log holds at least everything the oracle answered, even under SIGKILL."""
 import json
 import os

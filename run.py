@@ -98,9 +98,10 @@ class UsageError(Exception):
     """Bad input: printed as one line, exit status 2."""
 
 
-def resolve(args) -> dict:
+def resolve(args):
     """Flags + the task's preset (+ the learner's and the search's own defaults, for flags no preset sets) -> the
-    full configuration recorded in config.json."""
+    full configuration recorded in config.json, and the task it built to read its preset and default id (handed
+    on to `run`, which would otherwise build it again)."""
     from grpo import GRPOConfig as G
     from search import METHODS, SearchConfig as S
     from tasks import load_task
@@ -151,8 +152,7 @@ def resolve(args) -> dict:
         raise UsageError(f"unknown device '{args.device}'; use cpu or cuda (cuda:N for one GPU)")
     cfg["out"] = args.out or os.path.join("runs", f"{args.task}-{task.task_id}-{args.method}-s{args.seed}"
                                           .replace(":", "_").replace("/", "_"))
-    task.close()
-    return cfg
+    return cfg, task
 
 
 def config_of(cls, cfg: dict):
@@ -198,8 +198,9 @@ def write_json(path, obj):
     os.replace(path + ".tmp", path)
 
 
-def run(cfg, resume=False) -> int:
-    """Run (or continue) the search a configuration describes, in its run folder. Returns 0."""
+def run(cfg, resume=False, task=None) -> int:
+    """Run (or continue) the search a configuration describes, in its run folder; `task` is the one `resolve`
+    built for it, else it is built here. Returns 0."""
     import torch
     from database import Database
     from default_model import model_path
@@ -225,7 +226,8 @@ def run(cfg, resume=False) -> int:
         raise UsageError(f"cannot write the run folder {out} ({e.strerror}); choose another --out") from None
     if not resume:
         write_json(os.path.join(out, "config.json"), cfg)
-    task = load_task(cfg["task"], cfg["task_id"], seed=cfg["seed"], options=cfg.get("task_options"))
+    if task is None:
+        task = load_task(cfg["task"], cfg["task_id"], seed=cfg["seed"], options=cfg.get("task_options"))
     torch.manual_seed(cfg["seed"])  # LoRA's A matrices
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg["dtype"]]
     model, tok = load_model(model_path(cfg["model"]), device=cfg["device"], dtype=dtype)
@@ -406,8 +408,10 @@ def run_many(args) -> int:
         one.out = os.path.join(base, str(tid).replace(":", "_").replace("/", "_"))
         if os.path.exists(os.path.join(one.out, "summary.json")):
             continue
-        resume = os.path.exists(os.path.join(one.out, "config.json"))
-        run(read_config(one.out) if resume else resolve(one), resume=resume)
+        if os.path.exists(os.path.join(one.out, "config.json")):
+            run(read_config(one.out), resume=True)
+        else:
+            run(*resolve(one))
     if world > 1:
         dist.barrier()
     if rank == 0:
@@ -448,9 +452,9 @@ def main(argv=None):
             return run_many(args)
         if args.resume:
             cfg = read_config(args.resume)
-        else:
-            cfg = resolve(args)
-        return run(cfg, resume=bool(args.resume))
+            return run(cfg, resume=True)
+        cfg, task = resolve(args)
+        return run(cfg, task=task)
     except (UsageError, TaskError, ModelError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -14,8 +14,12 @@ from search import Search, SearchConfig
 from tasks import load_task
 
 
-def resolved(task, method, *extra):
-    return run.resolve(run.parser().parse_args(["--task", task, "--method", method, "--preset", "paper", *extra]))
+def resolved(task, method, *extra, preset="paper"):
+    """The configuration run.py would record (the task resolve built for it is closed: only the config is read)."""
+    cfg, built = run.resolve(run.parser().parse_args(["--task", task, "--method", method, "--preset", preset,
+                                                      *extra]))
+    built.close()
+    return cfg
 
 
 @pytest.mark.parametrize("task, method, anchor_k, opro_k, mix", [
@@ -104,7 +108,7 @@ def test_failed_completions_leave_the_group_where_the_reference_drops_them(tmp_p
     from lora import inject_lora
     paper = [(resolved(t, "migrate")["failed"], resolved(t, "migrate")["repeats"]) for t in ("semantle", "arc", "molecule")]
     assert paper == [("drop", "keep"), ("group", "keep"), ("group", "keep")], paper
-    cpu = run.resolve(run.parser().parse_args(["--task", "semantle", "--method", "migrate", "--preset", "cpu"]))
+    cpu = resolved("semantle", "migrate", preset="cpu")
     assert (cpu["failed"], cpu["repeats"]) == ("group", "zero"), "[ours] the Semantle cpu preset trains both at 0"
     task = load_task("toy", "migrate")
     seen = {}

@@ -187,6 +187,7 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    # packing.PackedDecoder.step restates this layer over stacked products for CPU decoding: change both.
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)

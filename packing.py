@@ -240,7 +240,11 @@ class PackedDecoder:
 
     def step(self, cache, tok, pos):
         """Logits (B, V) of the next token after tokens tok (B,) at positions pos (B,), B = self.rows = the
-        cache's live rows; writes their keys and values into the cache (the caller advances its length)."""
+        cache's live rows; writes their keys and values into the cache (the caller advances its length).
+
+        model.py's DecoderLayer restated over the stacked products: the only place besides model.py that spells
+        out a layer's maths (prefill, the static step and training all run the modules). A feature added to
+        model.py's layers goes here too; tests/test_sampler.py decodes each architecture both ways."""
         m, cfg, B = self.model, self.model.config, tok.shape[0]
         P = {key: (KERNELS[p.kernel].mm, p.packed) for key, p in self.packs.items()}
 

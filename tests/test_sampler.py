@@ -146,6 +146,30 @@ def test_packed_decoder_decodes_like_the_modules(tiny, monkeypatch, kernel):
     assert set(sampler.packed.kernel.values()) == {kernel}
 
 
+@pytest.mark.parametrize("arch", [
+    dict(architectures=["LlamaForCausalLM"], attention_bias=True, mlp_bias=True, tie_word_embeddings=False),
+    dict(architectures=["Qwen2ForCausalLM"], tie_word_embeddings=False),  # q/k/v bias, no o bias
+    dict(architectures=["Qwen3ForCausalLM"], attention_bias=True),  # q/k norm per head before RoPE
+], ids=["llama-biases-untied", "qwen2", "qwen3"])
+def test_packed_step_restates_every_architecture_feature(tiny, monkeypatch, arch):
+    # PackedDecoder.step is the one place besides model.py that spells out a layer's maths (over stacked
+    # products). Every feature model.py's layers have must be there too: biases, untied head, q/k norm.
+    _, tok = tiny
+    model = wide(**arch)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:  # biases start at 0 and norms at 1, which would hide a missing term
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.3 + 1.0 *
+                        name.endswith("norm.weight"))
+    cfg = model.config
+    assert (cfg.qkv_bias, cfg.o_bias, cfg.qk_norm) == {
+        "llama": (True, True, False), "qwen2": (True, False, False), "qwen3": (True, True, True)}[cfg.model_type]
+    sampler = Sampler(model, tok)
+    if not sampler.packed.available:
+        pytest.skip("no packing kernel in this torch build")
+    assert packed_like_plain(sampler, monkeypatch, ["hello", "a longer prompt"], [3, 2], new=20) == 9
+
+
 def test_the_float32_kernels_are_chosen_by_measurement(tiny):
     _, tok = tiny
     sampler = Sampler(wide(), tok)

@@ -198,7 +198,7 @@ def write_json(path, obj):
     os.replace(path + ".tmp", path)
 
 
-def run(cfg, resume=False, task=None) -> int:
+def run(cfg, *, resume=False, task=None) -> int:
     """Run (or continue) the search a configuration describes, in its run folder; `task` is the one `resolve`
     built for it, else it is built here. Returns 0."""
     import torch
@@ -411,7 +411,8 @@ def run_many(args) -> int:
         if os.path.exists(os.path.join(one.out, "config.json")):
             run(read_config(one.out), resume=True)
         else:
-            run(*resolve(one))
+            cfg, task = resolve(one)
+            run(cfg, task=task)
     if world > 1:
         dist.barrier()
     if rank == 0:

@@ -279,7 +279,7 @@ def plot_task(out, task, runs, labels, budget):
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     xs = list(range(1, budget + 1))
-    for lab in labels:
+    for k, lab in enumerate(labels):  # a method keeps its colour in every plot: C<k>, k its place in `labels`
         curves = []
         for r in (r for r in runs if r["label"] == lab):
             c, best, ys = dict(r["curve"]), None, []
@@ -289,8 +289,8 @@ def plot_task(out, task, runs, labels, budget):
             curves.append(ys)
         mean = [sum(col) / len(col) for col in zip(*curves)]
         cis = [bootstrap_ci(list(col), n=400) for col in zip(*curves)]
-        ax.plot(xs, mean, label=f"{lab} ({len(curves)})")
-        ax.fill_between(xs, [c[1] for c in cis], [c[2] for c in cis], alpha=0.15)
+        ax.plot(xs, mean, label=f"{lab} ({len(curves)})", color=f"C{k}")
+        ax.fill_between(xs, [c[1] for c in cis], [c[2] for c in cis], alpha=0.15, color=f"C{k}")
     ax.set_xlabel("oracle calls")
     ax.set_ylabel("best reward so far (mean over runs)")
     ax.set_title(f"{task}")
@@ -308,15 +308,17 @@ def plot_learning(out, task, runs, labels):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for lab in labels:
+    for k, lab in enumerate(labels):
         for axis, value in ((ax, policy_reward), (ax2, lambda m: m.get("kl"))):
             series = [[value(m) for m in r["metrics"]] for r in runs if r["label"] == lab]
             steps = max((len(s) for s in series), default=0)
             cols = [[s[i] for s in series if i < len(s) and s[i] is not None] for i in range(steps)]
-            pts = [(i + 1, bootstrap_ci(c, n=400)) for i, c in enumerate(cols) if len(c) >= max(2, len(series) // 2)]
+            # a step is drawn while at least half the method's runs reached it (a method with one run is drawn too)
+            pts = [(i + 1, bootstrap_ci(c, n=400)) for i, c in enumerate(cols) if len(c) >= max(1, len(series) // 2)]
             if pts:
-                axis.plot([x for x, _ in pts], [c[0] for _, c in pts], label=lab)
-                axis.fill_between([x for x, _ in pts], [c[1] for _, c in pts], [c[2] for _, c in pts], alpha=0.15)
+                axis.plot([x for x, _ in pts], [c[0] for _, c in pts], label=lab, color=f"C{k}")
+                axis.fill_between([x for x, _ in pts], [c[1] for _, c in pts], [c[2] for _, c in pts], alpha=0.15,
+                                  color=f"C{k}")
     ax.set(xlabel="step", ylabel="policy's sampled mean reward (mean over runs)", title=f"{task}: what the policy samples")
     ax2.set(xlabel="step", ylabel="KL(policy || base) per token", title=f"{task}: how far training moved it")
     for a in (ax, ax2):

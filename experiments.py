@@ -57,10 +57,14 @@ def launch(job):
     folder, args = job
     if os.path.exists(os.path.join(folder, "summary.json")):
         return folder, 0.0, 0
+    # run.py starts in the project folder: a run folder inside it is named relative to it, so config.json (committed
+    # with the results) records where the run lives in the repository, not where this machine keeps the repository
+    rel = os.path.relpath(folder, HERE)
+    where = folder if rel.startswith("..") else rel
     if os.path.exists(os.path.join(folder, "config.json")):
-        cmd = [sys.executable, "run.py", "--resume", folder]
+        cmd = [sys.executable, "run.py", "--resume", where]
     else:
-        cmd = [sys.executable, "run.py", *args, "--out", folder]
+        cmd = [sys.executable, "run.py", *args, "--out", where]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # one core per run; runs in parallel
     t = time.time()
     os.makedirs(os.path.dirname(folder), exist_ok=True)

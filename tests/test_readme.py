@@ -29,3 +29,18 @@ def test_every_relative_link_in_the_readme_is_tracked():
     missing = [l for l in local if l.rstrip("/") not in files and not any(
         d == l.rstrip("/") or d.startswith(l.rstrip("/") + "/") for d in folders)]
     assert not missing, f"README.md links files git does not track: {missing}"
+
+
+def test_no_committed_run_records_a_path_of_the_machine_it_ran_on():
+    """A run's config.json records its folder ("out"); committed with the results it must name the folder inside the
+    repository, not where one machine kept the repository (experiments.py once passed run.py an absolute path)."""
+    import json
+    configs = [f for f in tracked() if f.startswith("results/") and f.endswith("config.json")]
+    assert configs, "no committed run config: this test would check nothing"
+    absolute = []
+    for f in configs:
+        with open(os.path.join(ROOT, f)) as fh:
+            out = json.load(fh).get("out")
+        if out is not None and (os.path.isabs(out) or re.match(r"[A-Za-z]:[\\/]", out)):
+            absolute.append(f"{f}: {out}")
+    assert not absolute, f"committed runs record an absolute path: {absolute}"

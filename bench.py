@@ -3,6 +3,8 @@
   python bench.py sample   # tokens/s of our sampler (float32, and int8 weights) vs transformers' generate,
                            # batch 1/8/16, beside this machine's bandwidth and product-rate limits
   python bench.py grpo     # seconds per GRPO iteration vs TRL's GRPOTrainer (sampling on float32, and on int8)
+  python bench.py step     # a Semantle step of run.py (MiGrATe, cpu preset): seconds sampling and training,
+                           # beside the floor this machine's bandwidth and product rate put under each
   python bench.py gpu      # CUDA, bf16, random weights of real shapes: decode vs transformers, roofline,
                            # one ARC-sized GRPO iteration (needs a GPU; not run on the CPU machines)
 
@@ -223,6 +225,54 @@ GPU_CONFIGS = {  # the shapes of the real models (weights random: nothing large 
 PEAK_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}  # bytes/s of HBM, SXM parts
 
 
+def bench_step(args):
+    """The step users wait for: `run.py --task semantle --method migrate` on a tuning target (never one of the
+    paper's ten), the median seconds of its trained steps after the first, split into sampling and training,
+    beside their floors on this machine. Training is mu epochs of a forward and an input-gradient backward
+    through the frozen weights (about two forwards) over the shared prompt and the group's completions, plus
+    the reference forward when the KL term is on: 2 flops per weight and token each, at the measured product
+    rate. Sampling is the prompt's prefill at that rate plus one read of every weight per decoded token (the
+    mean completion's length: the longest is at least that) at the measured bandwidth. No peer runs this step."""
+    import os
+    import statistics
+    import subprocess
+    import tempfile
+    model, _ = load_model(args.model or model_path(None))
+    lim = limits(model, [1], "onednn" if torch.backends.mkldnn.is_available() else "mm")
+    weights = sum(p.numel() for n, p in model.named_parameters()
+                  if "embed_tokens" not in n or model.config.tie_word_embeddings)
+    del model
+    out = {"machine": machine(), "limits": lim}
+    for kl in args.kl_coefs:
+        with tempfile.TemporaryDirectory() as folder:
+            cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "run.py"),
+                   "--task", "semantle", "--task-id", "river", "--method", "migrate", "--preset", "cpu",
+                   "--budget", str(args.budget), "--diagnostics", "0", "--kl-coef", str(kl), "--out", folder]
+            cmd += ["--model", args.model] if args.model else []
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+            with open(os.path.join(folder, "metrics.jsonl")) as f:
+                steps = [json.loads(line) for line in f][1:]  # the first step also chooses kernels
+            with open(os.path.join(folder, "summary.json")) as f:
+                prompt = json.load(f)["prompt_tokens"]
+            with open(os.path.join(folder, "config.json")) as f:
+                cfg = json.load(f)
+        steps = [m for m in steps if m.get("train_seconds", 0) > 0]
+        assert steps, f"no trained step in {args.budget} oracle calls: raise --budget"
+        med = lambda key: round(statistics.median(m[key] for m in steps), 3)
+        tokens = statistics.median(m["completion_tokens"] for m in steps)
+        rows = statistics.median(sum(m["members"].values()) for m in steps)
+        forwards = 2 * cfg["mu"] + (1 if kl > 0 else 0)
+        train_flops = forwards * 2 * weights * (prompt + tokens)
+        rate, bandwidth = lim["float32_GFLOP_s"] * 1e9, lim["read_GB_s"] * 1e9
+        out[f"kl_{kl}"] = {
+            "steps": len(steps), "seconds": med("seconds"), "sample_seconds": med("sample_seconds"),
+            "train_seconds": med("train_seconds"), "prompt_tokens": prompt, "completion_tokens": tokens,
+            "rows": rows, "train_GFLOP": round(train_flops / 1e9, 1),
+            "train_floor_s": round(train_flops / rate, 3),
+            "sample_floor_s": round(2 * weights * prompt / rate + tokens / rows * weights * 4 / bandwidth, 3)}
+    return out
+
+
 def bench_gpu(args):
     """Decode tokens/s at batch 1/16/64 for ours (compiled static decode) and transformers' generate on the
     same bf16 weights, the share of the memory-bandwidth roofline reached at batch 1, and one GRPO iteration
@@ -299,7 +349,7 @@ class _RandomTokens:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["sample", "grpo", "gpu"], help="which benchmark")
+    ap.add_argument("what", choices=["sample", "grpo", "step", "gpu"], help="which benchmark")
     ap.add_argument("--model", default=None, help="Hugging Face folder (default: embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--batches", type=int, nargs="+", default=None, help="batch sizes (sample: 1 8 16; gpu: 1 16 64)")
     ap.add_argument("--new-tokens", type=int, default=128, help="tokens generated per row (sample)")
@@ -308,13 +358,15 @@ def main():
                     help="sample, grpo: our decoder's weight copies (float32: exact; int8: opt-in, changes numerics)")
     ap.add_argument("--group", type=int, default=8, help="completions per group (grpo)")
     ap.add_argument("--iterations", type=int, default=3, help="timed iterations after one warm-up (grpo)")
+    ap.add_argument("--budget", type=int, default=80, help="oracle calls of the measured run (step): 20 warm start")
+    ap.add_argument("--kl-coefs", type=float, nargs="+", default=[0.0, 0.1], help="KL coefficients to run (step)")
     args = ap.parse_args()
     if args.what == "gpu" and not torch.cuda.is_available():
         print("error: bench.py gpu needs a CUDA GPU; none is visible to PyTorch here", file=sys.stderr)
         sys.exit(2)
     if args.what == "grpo" and "--new-tokens" not in sys.argv:
         args.new_tokens = 64
-    result = {"sample": bench_sample, "grpo": bench_grpo, "gpu": bench_gpu}[args.what](args)
+    result = {"sample": bench_sample, "grpo": bench_grpo, "step": bench_step, "gpu": bench_gpu}[args.what](args)
     print(json.dumps(result, indent=1))
 
 

@@ -40,6 +40,12 @@ def machine():
             "torch": torch.__version__, "python": platform.python_version()}
 
 
+def read_weights(model):
+    """Weights a decode step reads whole: all but an untied embedding, which is only indexed."""
+    return sum(p.numel() for n, p in model.named_parameters()
+               if "embed_tokens" not in n or model.config.tie_word_embeddings)
+
+
 def limits(model, batches, kernel):
     """This machine's own limits for decoding this model, measured here: read bandwidth (a 1 GB sum) and the
     best float32 product rate (the model's head on 1024 rows, with the sampler's kernel), as the tokens/s they
@@ -52,8 +58,7 @@ def limits(model, batches, kernel):
         x.sum()
     bandwidth = 3 * x.numel() * 4 / (time.perf_counter() - t)
     del x
-    params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n or
-                 model.config.tie_word_embeddings)  # an untied embedding is only indexed, not read whole
+    params = read_weights(model)
     k, w = KERNELS[kernel], model.lm_head.weight.detach()
     xb, packed = torch.randn(1024, w.shape[1]), k.pack(w, None, 1024)
     k.mm(xb, packed, 1024)
@@ -239,8 +244,7 @@ def bench_step(args):
     import tempfile
     model, _ = load_model(args.model or model_path(None))
     lim = limits(model, [1], "onednn" if torch.backends.mkldnn.is_available() else "mm")
-    weights = sum(p.numel() for n, p in model.named_parameters()
-                  if "embed_tokens" not in n or model.config.tie_word_embeddings)
+    weights = read_weights(model)
     del model
     out = {"machine": machine(), "limits": lim}
     for kl in args.kl_coefs:

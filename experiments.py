@@ -53,8 +53,8 @@ def run_dir(out, task, tid, method, seed, label):
 
 
 def launch(job):
-    """Run (or continue) one run; returns (folder, seconds, return code)."""
-    folder, args = job
+    """Run (or continue) one run on `threads` cores; returns (folder, seconds, return code)."""
+    folder, args, threads = job
     if os.path.exists(os.path.join(folder, "summary.json")):
         return folder, 0.0, 0
     # run.py starts in the project folder: a run folder inside it is named relative to it, so config.json (committed
@@ -65,7 +65,8 @@ def launch(job):
         cmd = [sys.executable, "run.py", "--resume", where]
     else:
         cmd = [sys.executable, "run.py", *args, "--out", where]
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # one core per run; runs in parallel
+    # the cores are shared out over the runs in flight: --jobs 1 (a model too big for two at once) gets them all
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     t = time.time()
     os.makedirs(os.path.dirname(folder), exist_ok=True)
     with open(folder + ".log", "a") as log:
@@ -342,7 +343,7 @@ def main():
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds per (problem, method)")
     ap.add_argument("--budget", type=int, default=None, help="oracle calls per run (default: the task's preset)")
     ap.add_argument("--label", default=None, help="name of this variant in the table (default: the method)")
-    ap.add_argument("--jobs", type=int, default=os.cpu_count(), help="runs in parallel, one core each")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count(), help="runs in parallel; the cores are shared out among them")
     ap.add_argument("--out", required=True, help="experiment folder")
     ap.add_argument("--report-only", action="store_true", help="only aggregate the runs already finished")
     ap.add_argument("--against", nargs="*", default=["random", "grpo"],
@@ -363,7 +364,9 @@ def main():
                         a += ["--budget", str(args.budget)] if args.budget else []
                         a += ["--label", args.label] if args.label else []
                         jobs.append((run_dir(args.out, task, tid, method, seed, args.label), a))
-        print(f"{len(jobs)} runs, {args.jobs} at a time, in {args.out}", file=sys.stderr)
+        threads = max(1, (os.cpu_count() or 1) // max(1, min(args.jobs, len(jobs))))
+        jobs = [(folder, a, threads) for folder, a in jobs]
+        print(f"{len(jobs)} runs, {args.jobs} at a time, {threads} thread(s) each, in {args.out}", file=sys.stderr)
         t0 = time.time()
         with ThreadPoolExecutor(args.jobs) as pool:
             for i, (folder, secs, rc) in enumerate(pool.map(launch, jobs), 1):

@@ -5,7 +5,7 @@
     python experiments.py --tasks mytask:id1,id2 --methods random migrate --seeds 0 1     # any task module
 
 Each run is `python run.py ...` in its own folder under --out, several at once in separate processes sized
-to the cores (one thread each). The harness is resumable: a run with a summary.json is done and skipped, a
+to the cores (--jobs at once, the cores shared out among them). The harness is resumable: a run with a summary.json is done and skipped, a
 run with a folder but no summary is continued with --resume. Then every summary.json and metrics.jsonl is
 read and --out gets results.md (per method: solve rate, best reward, oracle calls to solve, each a mean with
 a 95% bootstrap confidence interval over seeds and problems) and <task>.png (best reward against oracle

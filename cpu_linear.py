@@ -3,9 +3,20 @@
 The same product by three routes, which differ only in speed and in the order float32 sums are taken: MKL's
 sgemm behind F.linear, the same library asked for W @ x^T (faster for the few rows of decoding on some CPUs),
 and oneDNN's (faster than MKL on CPUs where MKL takes a slow path). Which route wins depends on the CPU, so it
-is measured once per process rather than chosen by vendor; README ("Speed") has the figures per machine.
+is measured rather than chosen by vendor; README ("Speed") has the figures per machine.
 model.py builds its projections from `Linear`; tests prove every route equal to F.linear.
+
+Measured once per machine, not per process (`remembered`, shared with packing.py's kernels): the routes are
+often near-ties, so timing them picked a different mix in each of four fresh processes on an AMD EPYC, and each
+route rounds float32 sums its own way. A seeded run's samples then depended on which process ran it, and a run
+resumed after a kill changed kernels halfway. The choice is kept in $MIGRATE_CACHE/kernels.json, per CPU, torch
+version and thread count; delete the file to measure again.
 """
+import fcntl
+import hashlib
+import json
+import os
+import platform
 import time
 
 import torch
@@ -59,6 +70,47 @@ class _OneDNNLinear(torch.autograd.Function):
         return gx, gw, gb
 
 
+def machine() -> str:
+    """What a kernel timing holds for: the CPU (its name and a digest of its feature flags, since a virtual
+    machine may name two kinds alike), the torch build and the threads a product runs on."""
+    name, flags = platform.machine(), ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            first_cpu = f.read().split("\n\n")[0]
+        info = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in first_cpu.splitlines() if ":" in line)}
+        name = info.get("model name", name)
+        flags = hashlib.sha256(info.get("flags", "").encode()).hexdigest()[:8]
+    except OSError:  # not Linux: the name platform gives
+        name = platform.processor() or name
+    return f"{name} flags {flags} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+
+
+def remembered(key: str, measure):
+    """The kernel choice `key` on this machine: `measure()` (a JSON value) the first time any process asks,
+    its stored answer every time after. A lock makes one process measure while the others wait for its
+    answer. An unwritable cache degrades to measuring in each process, as before."""
+    from default_model import cache_dir  # default_model imports model, which imports this module
+    path, full = os.path.join(cache_dir(), "kernels.json"), f"{machine()} | {key}"
+    try:
+        os.makedirs(cache_dir(), exist_ok=True)
+        with open(path + ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                with open(path) as f:
+                    known = json.load(f)
+            except (OSError, ValueError):  # none yet, or a damaged file: measured again and rewritten
+                known = {}
+            if full not in known:
+                known[full] = measure()
+                tmp = f"{path}.{os.getpid()}"
+                with open(tmp, "w") as f:
+                    json.dump(known, f, indent=1, sort_keys=True)
+                os.replace(tmp, path)  # readers never see half a file
+            return known[full]
+    except OSError:
+        return measure()
+
+
 _CPU_PRODUCTS = {}  # 1 (few rows) or 2 (many) -> "onednn" | "mm" | "mkl"
 
 
@@ -67,25 +119,31 @@ def cpu_products(rows) -> str:
     short completions) and once for many (prompts, training), on a matrix of a typical shape."""
     bucket = 1 if rows <= 32 else 2
     if bucket not in _CPU_PRODUCTS:
-        n = 16 if bucket == 1 else 256
-        g = torch.Generator().manual_seed(0)
-        w, x = torch.randn(3072, 768, generator=g), torch.randn(n, 768, generator=g)
-        ways = {"mkl": lambda: F.linear(x, w), "mm": lambda: torch.mm(w, x.t()).t().contiguous()}
-        if torch.backends.mkldnn.is_available():
-            ways["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
-        if bucket == 2:
-            ways.pop("mm")  # W @ x^T only ever helps few rows
-        best = {}
-        with torch.no_grad():
-            for name, f in ways.items():
-                f()
-                best[name] = float("inf")
-                for _ in range(5):
-                    t = time.perf_counter()
-                    f()
-                    best[name] = min(best[name], time.perf_counter() - t)
-        _CPU_PRODUCTS[bucket] = min(best, key=best.get)
+        _CPU_PRODUCTS[bucket] = remembered(f"linear {'<= 32' if bucket == 1 else '> 32'} rows",
+                                           lambda: _fastest_product(bucket))
     return _CPU_PRODUCTS[bucket]
+
+
+def _fastest_product(bucket) -> str:
+    """The fastest route for the bucket's row count on a (3072, 768) weight: best of five after a warm-up."""
+    n = 16 if bucket == 1 else 256
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(3072, 768, generator=g), torch.randn(n, 768, generator=g)
+    ways = {"mkl": lambda: F.linear(x, w), "mm": lambda: torch.mm(w, x.t()).t().contiguous()}
+    if torch.backends.mkldnn.is_available():
+        ways["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+    if bucket == 2:
+        ways.pop("mm")  # W @ x^T only ever helps few rows
+    best = {}
+    with torch.no_grad():
+        for name, f in ways.items():
+            f()
+            best[name] = float("inf")
+            for _ in range(5):
+                t = time.perf_counter()
+                f()
+                best[name] = min(best[name], time.perf_counter() - t)
+    return min(best, key=best.get)
 
 
 class Linear(nn.Linear):

@@ -10,7 +10,8 @@ k in one call, the cache's slices for the step are cut once for all layers, and 
 
 Which library packs best depends on the CPU (MKL's packed sgemm on an Intel Xeon, oneDNN's on an AMD EPYC,
 where MKL runs a slower code path), so the float32 kernel is chosen by measurement the first time the sampler
-packs, on the model's own products (`KERNELS`, `PackedDecoder.choice`, printed by `bench.py sample`). The
+packs, on the model's own products, and kept for the machine (`KERNELS`, `PackedDecoder.choice`, printed by
+`bench.py sample`; cpu_linear.py says why once per machine). The
 int8 kernel (fbgemm: weights quantized per output channel, activations per row batch at run time) reads a
 quarter of the bytes; it changes the numbers, so it is used only when asked (`Sampler(weights="int8")`).
 
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from cpu_linear import remembered
 from lora import LoRALinear
 from model import apply_rope
 
@@ -183,39 +185,50 @@ class PackedDecoder:
 
     def _kernels_for(self, rows) -> dict:
         """For each kind of product (qkv, o, gate_up, down, head), the float32 kernel that runs it fastest at
-        about `rows` rows on this machine, timed on the model's own head and first layers (enough of them,
-        TUNE_BYTES, that their weights stream from memory as in a real step, not from cache; the layers all
-        have the same shapes). Measured once per size class (1, 2-8, 9-64 rows) at the first count seen in
-        it, well under a second for SmolLM2."""
+        about `rows` rows on this machine. Measured once per size class (1, 2-8, 9-64 rows) at the first count
+        seen in it, and kept per machine and shapes (cpu_linear.remembered: every process then decodes with
+        the same kernels, so a seeded run's samples do not depend on which process ran it)."""
         kinds = {"qkv", "o", "gate_up", "down", "head"}
         if self.forced:
             return dict.fromkeys(kinds, self.forced)
         bucket = 1 if rows == 1 else 8 if rows <= 8 else 64
         if bucket not in self.choice:
-            layers = self.model.model.layers
-            per_layer = sum(p.numel() * 4 for p in layers[0].parameters())
-            k = min(len(layers), max(1, -(-TUNE_BYTES // per_layer)))
-            groups = [(key, mods) for key, mods in self._groups() if key == "head" or key[0] < k]
-            seconds = {}  # kernel -> kind -> seconds for one decode step's products of that kind
-            with torch.no_grad():
-                for name in (n for n in FLOAT32_KERNELS if KERNELS[n].available):
-                    kern = KERNELS[name]
-                    packs = [(key, kern.pack(*_stacked(mods)[:2], rows)) for key, mods in groups]
-                    xs = [torch.randn(rows, _base(mods[0]).in_features) for _, mods in groups]
-                    best = dict.fromkeys(kinds, float("inf"))
-                    for _ in range(4):  # the first pass warms up
-                        spent = dict.fromkeys(kinds, 0.0)
-                        for (key, packed), x in zip(packs, xs):
-                            t = time.perf_counter()
-                            kern.mm(x, packed, rows)
-                            spent[self._kind(key)] += time.perf_counter() - t
-                        best = {kind: min(best[kind], spent[kind]) for kind in kinds}
-                    del packs
-                    seconds[name] = {kind: round(t * (1 if kind == "head" else len(layers) / k), 5)
-                                     for kind, t in best.items()}
-            chosen = {kind: min(seconds, key=lambda n: seconds[n][kind]) for kind in kinds}
-            self.choice[bucket] = (chosen, seconds, rows)
+            shapes = {self._kind(key): (sum(_base(m).out_features for m in mods), _base(mods[0]).in_features)
+                      for key, mods in self._groups()}  # (out, in); every layer has the first one's
+            key = f"packed float32, {bucket if bucket == 1 else '2-8' if bucket == 8 else '9-64'} rows, " + \
+                ", ".join(f"{kind} {o}x{i}" for kind, (o, i) in sorted(shapes.items()))
+            got = remembered(key, lambda: self._time_kernels(rows, kinds))
+            self.choice[bucket] = (got["chosen"], got["seconds"], got["rows"])
         return self.choice[bucket][0]
+
+    def _time_kernels(self, rows, kinds) -> dict:
+        """Every float32 kernel timed on the model's own head and first layers (enough of them, TUNE_BYTES,
+        that their weights stream from memory as in a real step, not from cache; the layers all have the same
+        shapes): the seconds per decode step for each kind of product, and the fastest kernel per kind. Well
+        under a second for SmolLM2."""
+        layers = self.model.model.layers
+        per_layer = sum(p.numel() * 4 for p in layers[0].parameters())
+        k = min(len(layers), max(1, -(-TUNE_BYTES // per_layer)))
+        groups = [(key, mods) for key, mods in self._groups() if key == "head" or key[0] < k]
+        seconds = {}  # kernel -> kind -> seconds for one decode step's products of that kind
+        with torch.no_grad():
+            for name in (n for n in FLOAT32_KERNELS if KERNELS[n].available):
+                kern = KERNELS[name]
+                packs = [(key, kern.pack(*_stacked(mods)[:2], rows)) for key, mods in groups]
+                xs = [torch.randn(rows, _base(mods[0]).in_features) for _, mods in groups]
+                best = dict.fromkeys(kinds, float("inf"))
+                for _ in range(4):  # the first pass warms up
+                    spent = dict.fromkeys(kinds, 0.0)
+                    for (key, packed), x in zip(packs, xs):
+                        t = time.perf_counter()
+                        kern.mm(x, packed, rows)
+                        spent[self._kind(key)] += time.perf_counter() - t
+                    best = {kind: min(best[kind], spent[kind]) for kind in kinds}
+                del packs
+                seconds[name] = {kind: round(t * (1 if kind == "head" else len(layers) / k), 5)
+                                 for kind, t in best.items()}
+        chosen = {kind: min(seconds, key=lambda n: seconds[n][kind]) for kind in kinds}
+        return {"chosen": chosen, "seconds": seconds, "rows": rows}
 
     def prepare(self, rows) -> bool:
         """Packs for decoding `rows` rows, reusing the current ones. False (and no packs) when a weight is an

@@ -170,17 +170,56 @@ def test_packed_step_restates_every_architecture_feature(tiny, monkeypatch, arch
     assert packed_like_plain(sampler, monkeypatch, ["hello", "a longer prompt"], [3, 2], new=20) == 9
 
 
-def test_the_float32_kernels_are_chosen_by_measurement(tiny):
+def test_the_float32_kernels_are_chosen_by_measurement(tiny, monkeypatch, tmp_path):
     _, tok = tiny
     sampler = Sampler(wide(), tok)
     if not sampler.packed.available:
         pytest.skip("no packing kernel in this torch build")
+    monkeypatch.setenv("MIGRATE_CACHE", str(tmp_path))  # a machine that has measured nothing yet
     sampler.generate(["hello"], n=3, max_new_tokens=4, generator=torch.Generator().manual_seed(0))
     chosen, seconds, rows = sampler.packed.choice[8]
     assert rows == 3 and chosen == sampler.packed.kernel, sampler.packed.choice
     assert set(seconds) == {k for k in packing.FLOAT32_KERNELS if packing.KERNELS[k].available}
     for kind, name in chosen.items():  # the fastest for each kind of product
         assert seconds[name][kind] == min(s[kind] for s in seconds.values()) > 0, (kind, seconds)
+
+
+def test_kernels_are_measured_once_per_machine_not_per_process(tiny, monkeypatch, tmp_path):
+    """Timing near-tied kernels picked a different mix in each process, and each kernel rounds float32 sums
+    its own way, so a seeded run's samples depended on the process. The choice is now kept per machine: a
+    new decoder (what a new process starts with) takes the stored choice without timing; another thread
+    count is another machine; a damaged store is measured again and rewritten. cpu_linear's route likewise."""
+    import cpu_linear
+    model = wide()
+    if not packing.PackedDecoder(model).available:
+        pytest.skip("no packing kernel in this torch build")
+    monkeypatch.setenv("MIGRATE_CACHE", str(tmp_path))
+    timed, real = [], packing.PackedDecoder._time_kernels
+    monkeypatch.setattr(packing.PackedDecoder, "_time_kernels",
+                        lambda self, rows, kinds: timed.append(rows) or real(self, rows, kinds))
+    first = packing.PackedDecoder(model)._kernels_for(3)
+    assert packing.PackedDecoder(model)._kernels_for(5) == first and timed == [3]  # 5 rows: the same size class
+    store = tmp_path / "kernels.json"
+    chosen = [v["chosen"] for k, v in json.loads(store.read_text()).items() if "packed float32, 2-8 rows" in k]
+    assert chosen == [first], chosen
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1 if threads > 1 else 2)
+        packing.PackedDecoder(model)._kernels_for(3)
+    finally:
+        torch.set_num_threads(threads)
+    assert timed == [3, 3]
+    store.write_text('{"half a')
+    packing.PackedDecoder(model)._kernels_for(3)
+    assert timed == [3, 3, 3] and len(json.loads(store.read_text())) == 1, store.read_text()
+
+    monkeypatch.setattr(cpu_linear, "_CPU_PRODUCTS", {})
+    routes, fastest = [], cpu_linear._fastest_product
+    monkeypatch.setattr(cpu_linear, "_fastest_product", lambda bucket: routes.append(bucket) or fastest(bucket))
+    few = cpu_linear.cpu_products(4)
+    cpu_linear._CPU_PRODUCTS.clear()
+    assert cpu_linear.cpu_products(7) == few and routes == [1]
+    assert few in ("mkl", "mm", "onednn"), few
 
 
 def test_int8_weights_decode_close_to_float32(tiny):

@@ -114,6 +114,11 @@ def _source(mod):
     return (lambda: base.weight), base.bias, deps
 
 
+def _shape(mods):
+    """(out, in) of projections stacked in output order, without building the stack."""
+    return sum(_base(m).out_features for m in mods), _base(mods[0]).in_features
+
+
 def _stacked(mods):
     """The weight (out, in) and bias (out,) or None of projections stacked in output order, and their deps."""
     srcs = [_source(m) for m in mods]
@@ -172,8 +177,7 @@ class PackedDecoder:
         if not (w.device.type == "cpu" and w.dtype == torch.float32 and any(KERNELS[k].available for k in names)):
             return False
         if self._fits is None:
-            shapes = [(sum(_base(m).out_features for m in mods), _base(mods[0]).in_features)  # (out, in)
-                      for _, mods in self._groups()]
+            shapes = [_shape(mods) for _, mods in self._groups()]
             free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
             per = KERNELS["int8" if self.weights == "int8" else "mkl"].bytes_per_weight
             self._fits = min(min(s) for s in shapes) >= PACK_MIN and sum(per * o * i for o, i in shapes) <= free // 2
@@ -193,8 +197,7 @@ class PackedDecoder:
             return dict.fromkeys(kinds, self.forced)
         bucket = 1 if rows == 1 else 8 if rows <= 8 else 64
         if bucket not in self.choice:
-            shapes = {self._kind(key): (sum(_base(m).out_features for m in mods), _base(mods[0]).in_features)
-                      for key, mods in self._groups()}  # (out, in); every layer has the first one's
+            shapes = {self._kind(key): _shape(mods) for key, mods in self._groups()}  # every layer: the first's
             key = f"packed float32, {bucket if bucket == 1 else '2-8' if bucket == 8 else '9-64'} rows, " + \
                 ", ".join(f"{kind} {o}x{i}" for kind, (o, i) in sorted(shapes.items()))
             got = remembered(key, lambda: self._time_kernels(rows, kinds))

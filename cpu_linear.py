@@ -89,10 +89,11 @@ def remembered(key: str, measure):
     """The kernel choice `key` on this machine: `measure()` (a JSON value) the first time any process asks,
     its stored answer every time after. A lock makes one process measure while the others wait for its
     answer. An unwritable cache degrades to measuring in each process, as before."""
-    from default_model import cache_dir  # default_model imports model, which imports this module
-    path, full = os.path.join(cache_dir(), "kernels.json"), f"{machine()} | {key}"
+    # default_model.cache_dir(), spelled out: default_model imports model, which imports this module
+    folder = os.environ.get("MIGRATE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "migrate")
+    path, full = os.path.join(folder, "kernels.json"), f"{machine()} | {key}"
     try:
-        os.makedirs(cache_dir(), exist_ok=True)
+        os.makedirs(folder, exist_ok=True)
         with open(path + ".lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:

@@ -21,6 +21,7 @@ from dataclasses import replace
 
 import torch
 
+from cpu_linear import cpu_info
 from default_model import model_path
 from model import load_model
 from sampling import Sampler
@@ -30,12 +31,7 @@ PROMPT = "Write a short story about a robot who learns to paint."  # 42 tokens o
 
 def machine():
     """The CPU by name and instruction set (figures differ by CPU: they are written beside it)."""
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    name = cpu_info().get("model name") or platform.processor() or platform.machine()
     return {"cpu": name, "isa": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version()}
 

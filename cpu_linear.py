@@ -70,18 +70,22 @@ class _OneDNNLinear(torch.autograd.Function):
         return gx, gw, gb
 
 
-def machine() -> str:
-    """What a kernel timing holds for: the CPU (its name and a digest of its feature flags, since a virtual
-    machine may name two kinds alike), the torch build and the threads a product runs on."""
-    name, flags = platform.machine(), ""
+def cpu_info() -> dict:
+    """/proc/cpuinfo's fields for the first CPU ("model name", "flags", ...); {} where there is none."""
     try:
         with open("/proc/cpuinfo") as f:
             first_cpu = f.read().split("\n\n")[0]
-        info = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in first_cpu.splitlines() if ":" in line)}
-        name = info.get("model name", name)
-        flags = hashlib.sha256(info.get("flags", "").encode()).hexdigest()[:8]
-    except OSError:  # not Linux: the name platform gives
-        name = platform.processor() or name
+    except OSError:  # not Linux
+        return {}
+    return {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in first_cpu.splitlines() if ":" in line)}
+
+
+def machine_key() -> str:
+    """What a kernel timing holds for: the CPU (its name and a digest of its feature flags, since a virtual
+    machine may name two kinds alike), the torch build and the threads a product runs on."""
+    info = cpu_info()
+    name = info.get("model name") or platform.processor() or platform.machine()
+    flags = hashlib.sha256(info.get("flags", "").encode()).hexdigest()[:8]
     return f"{name} flags {flags} | torch {torch.__version__} | {torch.get_num_threads()} threads"
 
 
@@ -91,7 +95,7 @@ def remembered(key: str, measure):
     answer. An unwritable cache degrades to measuring in each process, as before."""
     # default_model.cache_dir(), spelled out: default_model imports model, which imports this module
     folder = os.environ.get("MIGRATE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "migrate")
-    path, full = os.path.join(folder, "kernels.json"), f"{machine()} | {key}"
+    path, full = os.path.join(folder, "kernels.json"), f"{machine_key()} | {key}"
     try:
         os.makedirs(folder, exist_ok=True)
         with open(path + ".lock", "a") as lock:

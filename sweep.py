@@ -6,6 +6,7 @@ a collapsed run spends steps, not budget, and may not finish).
 
     python sweep.py semantle --seeds 0 1 --out results/sweep/semantle      # the tuning set "tuning"
     python sweep.py arc --seeds 0 --out results/sweep/arc                  # ARC training tasks
+    python sweep.py molecule --seeds 0 --out results/sweep/molecule-qwen --extra --model qwen2.5-coder-1.5b
 
 Every setting is one `experiments.py` call (labels like lr2e-3-a64-mu2) into the same folder, with `random` as
 the paired reference, so a finished run is never redone and results.md holds the paired table: for each
@@ -51,6 +52,14 @@ GRIDS = {
         "lr2e-4-a128": ("grpo", ["--lr", "2e-4", "--lora-alpha", "128"]),
         "lr1e-3-a128": ("grpo", ["--lr", "1e-3", "--lora-alpha", "128"]),
     }),
+    # plogp tunes what qed reports (README's coder-model showcase), with the coder model (the default writes no
+    # SMILES). MiGrATe's 2/1/2 groups have on-policy members, so its paired reference is `random`.
+    "molecule": ("molecule:plogp", 20, {
+        "random": ("random", []),
+        "migrate-paper-lr5e-5-a16": ("migrate", ["--lr", "5e-5", "--lora-alpha", "16"]),
+        "migrate-lr1e-4-a64": ("migrate", ["--lr", "1e-4", "--lora-alpha", "64"]),
+        "migrate-lr5e-4-a64": ("migrate", ["--lr", "5e-4", "--lora-alpha", "64"]),
+    }),
 }
 
 
@@ -71,7 +80,9 @@ def learning_table(out):
     for label in dict.fromkeys(r["label"] for r in runs):
         mine = [r for r in runs if r["label"] == label]
         untrained = mine[0]["method"] in ("random", "ns")
-        ref_label = "ns" if mine[0]["method"] == "migrate" else "random-w1" if words(mine[0]) == 1 else "random"
+        has_ns = any(r["label"] == "ns" for r in runs)
+        ref_label = ("ns" if mine[0]["method"] == "migrate" and has_ns else "random-w1" if words(mine[0]) == 1
+                     else "random")
         ref = {key(r): r for r in runs if r["label"] == ref_label}
         diff = paired_ci([(rise(r), rise(ref[key(r)])) for r in mine if key(r) in ref])
         star = " *" if excludes_zero(diff) else ""

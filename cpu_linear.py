@@ -49,7 +49,12 @@ def linear(x, weight, bias=None):
 
 
 class _OneDNNLinear(torch.autograd.Function):
-    """oneDNN's product forward; the backward as F.linear's (the gradients are plain matrix products)."""
+    """oneDNN's product forward and input gradient; the weight gradient as F.linear's.
+
+    The input gradient grad @ W is the forward's product with W transposed, as many flops: by aten's mm it is
+    MKL's sgemm, the library the measurement that chose this route found slower on this CPU. oneDNN reads W
+    transposed in place (a strided view, no copy): on an AMD EPYC (Zen 4) the learner's step spent 1.1 s of 2.6
+    in mm, a third more than the forward's products (README, "A Semantle step")."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
@@ -62,7 +67,7 @@ class _OneDNNLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            gx = grad @ weight  # (..., out) @ (out, in)
+            gx = torch.ops.mkldnn._linear_pointwise(grad, weight.t(), None, "none", [], "")  # (..., in)
         if ctx.needs_input_grad[1]:
             gw = grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
         if ctx.has_bias and ctx.needs_input_grad[2]:

@@ -53,9 +53,10 @@ class Preset:
     # lowers the group mean (and leaves the loss under mask_zero_reward); "drop" leaves it out of the group, as
     # the reference's Semantle does (it refills a step's words from the valid guesses before packing them).
     failed: str = "group"
-    # A sampled completion that only repeats known candidates: "keep" its known reward (the reference's Semantle
-    # and ARC), or "zero" (as the reference's molecules: a repeated guess scores nothing). A repeat costs no oracle
-    # call and tells the search nothing new; kept, a repeat of a good word is trained up like a discovery.
+    # A sampled completion that only repeats known candidates: "keep" its known reward (the reference, every task:
+    # its trainer scores every completion, repeats included; its molecule prompt tells the model a repeat scores
+    # nothing, but no code zeroes one), or "zero". A repeat costs no oracle call and tells the search nothing new;
+    # kept, a repeat of a good word is trained up like a discovery.
     repeats: str = "keep"
     cpu: dict = field(default_factory=dict)  # [ours] fields that differ on a CPU with the default model
 

@@ -137,8 +137,8 @@ def test_failed_completions_leave_the_group_where_the_reference_drops_them(tmp_p
 
 @pytest.mark.parametrize("repeats", ["keep", "zero"])
 def test_repeats_train_at_their_known_reward_or_at_zero(tmp_path, repeats):
-    """A sampled completion of known candidates only: the reference's Semantle and ARC train it at its known
-    reward; repeats="zero" trains it at 0 (as the reference's molecules score a repeated guess). The database
+    """A sampled completion of known candidates only: the reference trains it at its known reward (it scores
+    every completion again); repeats="zero" trains it at 0 (the cpu presets' choice for Semantle). The database
     starts with the word of every one-token completion (at 0.5, as if guessed before), so every valid completion
     of one token is a repeat."""
     from grpo import Learner

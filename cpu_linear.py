@@ -85,6 +85,12 @@ def cpu_info() -> dict:
     return {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in first_cpu.splitlines() if ":" in line)}
 
 
+def cache_dir() -> str:
+    """The project's cache folder, $MIGRATE_CACHE or ~/.cache/migrate: the embedded models (default_model.py,
+    which re-exports this) and the kernel choices (`remembered`). Here because model.py imports this module."""
+    return os.environ.get("MIGRATE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "migrate")
+
+
 def machine_key() -> str:
     """What a kernel timing holds for: the CPU (its name and a digest of its feature flags, since a virtual
     machine may name two kinds alike), the torch build and the threads a product runs on."""
@@ -98,8 +104,7 @@ def remembered(key: str, measure):
     """The kernel choice `key` on this machine: `measure()` (a JSON value) the first time any process asks,
     its stored answer every time after. A lock makes one process measure while the others wait for its
     answer. An unwritable cache degrades to measuring in each process, as before."""
-    # default_model.cache_dir(), spelled out: default_model imports model, which imports this module
-    folder = os.environ.get("MIGRATE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "migrate")
+    folder = cache_dir()
     path, full = os.path.join(folder, "kernels.json"), f"{machine_key()} | {key}"
     try:
         os.makedirs(folder, exist_ok=True)

@@ -23,6 +23,7 @@ import sys
 import zipfile
 from dataclasses import dataclass
 
+from cpu_linear import cache_dir  # its one home: model.py imports cpu_linear, which keeps kernel choices there
 from gguf_convert import convert_gguf, unpermute_rope_rows  # noqa: F401  (unpermute: tests import it here)
 from model import ModelError
 
@@ -47,10 +48,6 @@ EMBEDDED = {  # --model NAME -> what to fetch
         1_117_320_768, "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
 }
 DEFAULT = "smollm2-135m"
-
-
-def cache_dir():
-    return os.environ.get("MIGRATE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "migrate")
 
 
 def say(msg, who="default model"):

@@ -54,7 +54,8 @@ class _OneDNNLinear(torch.autograd.Function):
     The input gradient grad @ W is the forward's product with W transposed, as many flops: by aten's mm it is
     MKL's sgemm, the library the measurement that chose this route found slower on this CPU. oneDNN reads W
     transposed in place (a strided view, no copy): on an AMD EPYC (Zen 4) the learner's step spent 1.1 s of 2.6
-    in mm, a third more than the forward's products (README, "A Semantle step")."""
+    in mm, half again as long as the forward's products (README, "The same benchmarks on an AMD EPYC with
+    AVX-512")."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):

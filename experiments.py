@@ -8,7 +8,7 @@ Each run is `python run.py ...` in its own folder under --out, several at once i
 to the cores (--jobs at once, the cores shared out among them). The harness is resumable: a run with a summary.json is done and skipped, a
 run with a folder but no summary is continued with --resume. Then every summary.json and metrics.jsonl is
 read and --out gets results.md (per method: solve rate, best reward, oracle calls to solve, each a mean with
-a 95% bootstrap confidence interval over seeds and problems) and <task>.png (best reward against oracle
+a 95% bootstrap confidence interval that resamples problems, each with all its seeds) and <task>.png (best reward against oracle
 calls, one curve per method, the mean over runs with its 95% band).
 
 Task specs: `task:id,id,...`, or `task:<named set>` (e.g. semantle:paper, arc:evaluation-small), or a bare
@@ -74,14 +74,26 @@ def launch(job):
     return folder, time.time() - t, rc
 
 
-def bootstrap_ci(xs, n=4000, seed=0):
-    """Mean and 95% percentile-bootstrap interval of the mean; (mean, lo, hi), Nones for no data."""
-    xs = [x for x in xs if x is not None]
-    if not xs:
+def bootstrap_ci(xs, n=4000, seed=0, groups=None):
+    """Mean and 95% percentile-bootstrap interval of the mean; (mean, lo, hi), Nones for no data. With `groups`
+    (one label per x, e.g. the problem of each run), whole groups are resampled: runs of one problem at several
+    seeds are not independent draws, and treating them so would narrow the interval. One x per group is the
+    plain bootstrap, draw for draw."""
+    keep = [i for i, x in enumerate(xs) if x is not None]
+    if not keep:
         return None, None, None
+    clusters = {}
+    for i in keep:
+        clusters.setdefault(i if groups is None else groups[i], []).append(xs[i])
+    clusters = list(clusters.values())
+    total = [x for c in clusters for x in c]
     rng = random.Random(seed)
-    means = sorted(sum(rng.choices(xs, k=len(xs))) / len(xs) for _ in range(n))
-    return sum(xs) / len(xs), means[int(0.025 * n)], means[int(0.975 * n) - 1]
+    means = []
+    for _ in range(n):
+        draw = [x for c in rng.choices(clusters, k=len(clusters)) for x in c]
+        means.append(sum(draw) / len(draw))
+    means.sort()
+    return sum(total) / len(total), means[int(0.025 * n)], means[int(0.975 * n) - 1]
 
 
 def fmt(ci, digits=3):
@@ -159,15 +171,17 @@ def last(run, key):
     return next((m[key] for m in reversed(run["metrics"]) if m.get(key) is not None), None)
 
 
-MIN_PAIRS = 3  # a bootstrap over one or two differences is no interval: fewer pairs give the mean alone
+MIN_PAIRS = 3  # a bootstrap over one or two differences (or problems) is no interval: fewer give the mean alone
 
 
-def paired_ci(pairs, n=4000, seed=0):
-    """Mean difference a - b over matched (a, b) pairs and its 95% paired-bootstrap interval (no interval, and so
-    never a significant difference, below MIN_PAIRS pairs)."""
-    diffs = [a - b for a, b in pairs if a is not None and b is not None]
-    m, lo, hi = bootstrap_ci(diffs, n, seed)
-    return (m, lo, hi) if len(diffs) >= MIN_PAIRS else (m, None, None)
+def paired_ci(pairs, n=4000, seed=0, groups=None):
+    """Mean difference a - b over matched (a, b) pairs and its 95% paired-bootstrap interval, resampling whole
+    `groups` where given (see bootstrap_ci); no interval, and so never a significant difference, below MIN_PAIRS
+    pairs."""
+    diffs = [None if a is None or b is None else a - b for a, b in pairs]
+    m, lo, hi = bootstrap_ci(diffs, n, seed, groups)
+    units = {i if groups is None else groups[i] for i, d in enumerate(diffs) if d is not None}  # what is resampled
+    return (m, lo, hi) if len(units) >= MIN_PAIRS else (m, None, None)
 
 
 def excludes_zero(ci):
@@ -188,7 +202,7 @@ def paired_rows(rs, labels, against, metrics):
             common = sorted(set(by[lab]) & set(by[ref]))
             cells = []
             for _, fn, digits in metrics:
-                ci = paired_ci([(fn(by[lab][k]), fn(by[ref][k])) for k in common])
+                ci = paired_ci([(fn(by[lab][k]), fn(by[ref][k])) for k in common], groups=[k[0] for k in common])
                 sign = " *" if excludes_zero(ci) else ""
                 cells.append(fmt(ci, digits) + sign)
             lines.append(f"| {lab} − {ref} | {len(common)} | " + " | ".join(cells) + " |")
@@ -223,14 +237,15 @@ def report(out, methods_order=None, against=("random", "grpo")):
                   "|---|---|---|---|---|---|---|---|---|"]
         for lab in labels:
             sel = [r for r in rs if r["label"] == lab]
-            solve = bootstrap_ci([float(r["solved"]) for r in sel])
-            best = bootstrap_ci([r["best_reward"] for r in sel])
-            calls = bootstrap_ci([calls_to_solve(r) for r in sel])
-            used = bootstrap_ci([r["oracle_calls"] for r in sel])  # < budget: stopped by --patience or solved
+            ci = lambda xs: bootstrap_ci(xs, groups=[r["task_id"] for r in sel])  # seeds of a problem resampled together
+            solve = ci([float(r["solved"]) for r in sel])
+            best = ci([r["best_reward"] for r in sel])
+            calls = ci([calls_to_solve(r) for r in sel])
+            used = ci([r["oracle_calls"] for r in sel])  # < budget: stopped by --patience or solved
             wall = sum(r["wall_seconds"] for r in sel) / len(sel)
             unsolved = sum(not r["solved"] for r in sel)
             lines.append(f"| {lab} | {len(sel)} | {fmt(solve, 2)} | {fmt(best)} | {fmt(calls, 0)} | {unsolved} "
-                         f"| {fmt(used, 0)} | {fmt(bootstrap_ci([rise(r) for r in sel]))} | {wall:.0f} |")
+                         f"| {fmt(used, 0)} | {fmt(ci([rise(r) for r in sel]))} | {wall:.0f} |")
         lines += ["", "What the policy samples and how far training moved it: the mean reward of its samples (of "
                   "the task prompt; for a method with no task-prompt samples, of its NS prompts) in the first and "
                   "last third of a run's steps, whose difference is the rise above; in the last third, the shares "
@@ -265,9 +280,10 @@ def report(out, methods_order=None, against=("random", "grpo")):
                       "|---|---|---|---|"]
             for lab in labels:
                 sel = [r for r in rs if r["label"] == lab]
-                p2 = bootstrap_ci([r["final"].get("pass@2", 0.0) for r in sel])
-                ran = bootstrap_ci([r["final"].get("run_share") for r in sel])
-                lines.append(f"| {lab} | {fmt(p2, 2)} | {fmt(bootstrap_ci([r['best_reward'] for r in sel]))} "
+                ci = lambda xs: bootstrap_ci(xs, groups=[r["task_id"] for r in sel])
+                p2 = ci([r["final"].get("pass@2", 0.0) for r in sel])
+                ran = ci([r["final"].get("run_share") for r in sel])
+                lines.append(f"| {lab} | {fmt(p2, 2)} | {fmt(ci([r['best_reward'] for r in sel]))} "
                              f"| {fmt(ran)} |")
         lines.append("")
         plot_task(out, task, rs, labels, budget)
@@ -285,15 +301,16 @@ def plot_task(out, task, runs, labels, budget):
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     xs = list(range(1, budget + 1))
     for k, lab in enumerate(labels):  # a method keeps its colour in every plot: C<k>, k its place in `labels`
-        curves = []
+        curves, problems = [], []
         for r in (r for r in runs if r["label"] == lab):
+            problems.append(r["task_id"])
             c, best, ys = dict(r["curve"]), None, []
             for x in xs:  # best so far at each call count; after the run stopped, its final best
                 best = c.get(x, best)
                 ys.append(best if best is not None else 0.0)
             curves.append(ys)
         mean = [sum(col) / len(col) for col in zip(*curves)]
-        cis = [bootstrap_ci(list(col), n=400) for col in zip(*curves)]
+        cis = [bootstrap_ci(list(col), n=400, groups=problems) for col in zip(*curves)]
         ax.plot(xs, mean, label=f"{lab} ({len(curves)})", color=f"C{k}")
         ax.fill_between(xs, [c[1] for c in cis], [c[2] for c in cis], alpha=0.15, color=f"C{k}")
     ax.set_xlabel("oracle calls")
@@ -315,11 +332,15 @@ def plot_learning(out, task, runs, labels):
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for k, lab in enumerate(labels):
         for axis, value in ((ax, policy_reward), (ax2, lambda m: m.get("kl"))):
-            series = [[value(m) for m in r["metrics"]] for r in runs if r["label"] == lab]
+            mine = [r for r in runs if r["label"] == lab]
+            series = [[value(m) for m in r["metrics"]] for r in mine]
             steps = max((len(s) for s in series), default=0)
-            cols = [[s[i] for s in series if i < len(s) and s[i] is not None] for i in range(steps)]
+            # per step, (problem, value) of each run that reached it and logged it
+            cols = [[(r["task_id"], s[i]) for r, s in zip(mine, series) if i < len(s) and s[i] is not None]
+                    for i in range(steps)]
             # a step is drawn while at least half the method's runs reached it (a method with one run is drawn too)
-            pts = [(i + 1, bootstrap_ci(c, n=400)) for i, c in enumerate(cols) if len(c) >= max(1, len(series) // 2)]
+            pts = [(i + 1, bootstrap_ci([v for _, v in c], n=400, groups=[p for p, _ in c]))
+                   for i, c in enumerate(cols) if len(c) >= max(1, len(series) // 2)]
             if pts:
                 axis.plot([x for x, _ in pts], [c[0] for _, c in pts], label=lab, color=f"C{k}")
                 axis.fill_between([x for x, _ in pts], [c[1] for _, c in pts], [c[2] for _, c in pts], alpha=0.15,

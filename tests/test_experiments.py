@@ -118,6 +118,23 @@ def test_too_few_pairs_give_no_interval_and_no_significance():
     assert not excludes_zero(paired_ci([(0.3, 0.4), (0.4, 0.3), (0.2, 0.2)])), "mixed signs: 0 inside"
 
 
+def test_seeds_of_one_problem_are_resampled_together():
+    """Runs of one problem at several seeds are not independent draws: the interval resamples whole problems, so
+    seeds that agree do not narrow it as more problems would; one run per problem is the plain bootstrap, and two
+    problems give no interval however many seeds they have."""
+    sys.path.insert(0, ROOT)
+    from experiments import bootstrap_ci, excludes_zero, paired_ci
+    xs = [0.10, 0.12, 0.50, 0.52, 0.90, 0.88]  # three problems, two seeds each
+    problems = ["a", "a", "b", "b", "c", "c"]
+    plain, grouped = bootstrap_ci(xs), bootstrap_ci(xs, groups=problems)
+    assert grouped[0] == plain[0], (grouped, plain)
+    assert grouped[2] - grouped[1] > 1.2 * (plain[2] - plain[1]), (grouped, plain)
+    assert bootstrap_ci(xs, groups=list("uvwxyz")) == plain, "one run a problem: the plain bootstrap"
+    two = paired_ci([(0.5, 0.4), (0.6, 0.4), (0.5, 0.3), (0.7, 0.4)], groups=["a", "a", "b", "b"])
+    assert two[1] is None and not excludes_zero(two), two
+    assert excludes_zero(paired_ci([(0.5, 0.4), (0.6, 0.4), (0.5, 0.3), (0.7, 0.4)], groups=list("abcd")))
+
+
 def test_policy_reward_reads_ns_samples_when_a_group_has_no_on_policy_ones():
     """Semantle's MiGrATe and ns groups are all neighbourhood: their rise is over NS samples; runs logged before
     neighbour_reward existed fall back to the group mean only when the group had no greedy member."""

@@ -364,6 +364,9 @@ def main():
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds per (problem, method)")
     ap.add_argument("--budget", type=int, default=None, help="oracle calls per run (default: the task's preset)")
     ap.add_argument("--label", default=None, help="name of this variant in the table (default: the method)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="threads a run (default: the cores shared out over the runs in flight; set it when something "
+                         "else already uses some of them)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count(), help="runs in parallel; the cores are shared out among them")
     ap.add_argument("--out", required=True, help="experiment folder")
     ap.add_argument("--report-only", action="store_true", help="only aggregate the runs already finished")
@@ -371,6 +374,8 @@ def main():
                     help="labels every other method is compared with, paired on (problem, seed)")
     ap.add_argument("extra", nargs=argparse.REMAINDER, help="after --: flags passed to every run.py")
     args = ap.parse_args()
+    if args.threads is not None and args.threads < 1:
+        ap.error(f"--threads must be at least 1, not {args.threads}")
     extra = [a for a in args.extra if a != "--"]
     args.out = os.path.abspath(args.out)  # run.py runs in this folder, wherever the harness was started
     if not args.report_only:
@@ -385,7 +390,7 @@ def main():
                         a += ["--budget", str(args.budget)] if args.budget else []
                         a += ["--label", args.label] if args.label else []
                         jobs.append((run_dir(args.out, task, tid, method, seed, args.label), a))
-        threads = max(1, (os.cpu_count() or 1) // max(1, min(args.jobs, len(jobs))))
+        threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, min(args.jobs, len(jobs))))
         jobs = [(folder, a, threads) for folder, a in jobs]
         print(f"{len(jobs)} runs, {args.jobs} at a time, {threads} thread(s) each, in {args.out}", file=sys.stderr)
         t0 = time.time()

@@ -145,3 +145,11 @@ def test_policy_reward_reads_ns_samples_when_a_group_has_no_on_policy_ones():
     old = {"on_policy_reward": None, "group_reward_mean": 0.4, "members": {"neighbour": 5, "greedy": 0}}
     assert policy_reward(old) == 0.4
     assert policy_reward({**old, "members": {"neighbour": 4, "greedy": 1}}) is None, "greedy replays are not samples"
+
+
+def test_a_thread_count_below_one_is_refused_in_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "experiments.py", "--tasks", "toy", "--methods", "random", "--threads", "0",
+                        "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1] == \
+        "experiments.py: error: --threads must be at least 1, not 0", r.stderr
+    assert not (tmp_path / "runs").exists(), "nothing launched"

@@ -5,6 +5,7 @@
   python bench.py grpo     # seconds per GRPO iteration vs TRL's GRPOTrainer (sampling on float32, and on int8)
   python bench.py step     # a Semantle step of run.py (MiGrATe, cpu preset): seconds sampling and training,
                            # beside the floor this machine's bandwidth and product rate put under each
+                           # (--dtypes float32 bfloat16: also the opt-in bfloat16 model, and its KL to float32)
   python bench.py gpu      # CUDA, bf16, random weights of real shapes: decode vs transformers, roofline,
                            # one ARC-sized GRPO iteration (needs a GPU; not run on the CPU machines)
 
@@ -89,7 +90,7 @@ def bench_sample(args):
                                        stop_ids=(), generator=g)  # never stop early: every row makes N tokens
                 ours[w].append(sum(len(c.ids) for c in out) / (time.perf_counter() - t))
                 if w == "int8" and rep == 0:
-                    kl = int8_kl(model, out)
+                    kl = kl_to_float32(model, out)
             ids = torch.tensor([prompt] * batch)
             torch.manual_seed(rep)
             t = time.perf_counter()
@@ -118,9 +119,10 @@ def bench_sample(args):
 
 
 @torch.no_grad()
-def int8_kl(model, outs):
-    """KL(int8 policy || float32 policy) per token, estimated on the int8 sampler's own samples: the mean of
-    log p_int8(y) - log p_float32(y) (k1) and of the always-positive k3, with the float32 model's log-probs."""
+def kl_to_float32(model, outs):
+    """KL(sampling policy || float32 policy) per token, estimated on the sampler's own samples (int8 weights, or
+    a bfloat16 model: dtype_kl): the mean of log p_q(y) - log p_float32(y) (k1) and of the always-positive k3,
+    with `model`, the float32 model, giving log p_float32."""
     k1, k3, n = 0.0, 0.0, 0
     for o in outs:
         x = torch.tensor([o.prompt_ids + o.ids])
@@ -243,11 +245,12 @@ def bench_step(args):
     weights = read_weights(model)
     del model
     out = {"machine": machine(), "limits": lim}
-    for kl in args.kl_coefs:
+    for kl, dtype in ((kl, dtype) for dtype in args.dtypes for kl in args.kl_coefs):
         with tempfile.TemporaryDirectory() as folder:
             cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "run.py"),
                    "--task", "semantle", "--task-id", "river", "--method", "migrate", "--preset", "cpu",
-                   "--budget", str(args.budget), "--diagnostics", "0", "--kl-coef", str(kl), "--out", folder]
+                   "--budget", str(args.budget), "--diagnostics", "0", "--kl-coef", str(kl), "--dtype", dtype,
+                   "--out", folder]
             cmd += ["--model", args.model] if args.model else []
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
             with open(os.path.join(folder, "metrics.jsonl")) as f:
@@ -264,13 +267,25 @@ def bench_step(args):
         forwards = 2 * cfg["mu"] + (1 if kl > 0 else 0)
         train_flops = forwards * 2 * weights * (prompt + tokens)
         rate, bandwidth = lim["float32_GFLOP_s"] * 1e9, lim["read_GB_s"] * 1e9
-        out[f"kl_{kl}"] = {
-            "steps": len(steps), "seconds": med("seconds"), "sample_seconds": med("sample_seconds"),
+        out[f"kl_{kl}" + ("" if dtype == "float32" else f"_{dtype}")] = {
+            "dtype": dtype, "steps": len(steps), "seconds": med("seconds"), "sample_seconds": med("sample_seconds"),
             "train_seconds": med("train_seconds"), "prompt_tokens": prompt, "completion_tokens": tokens,
             "rows": rows, "train_GFLOP": round(train_flops / 1e9, 1),
             "train_floor_s": round(train_flops / rate, 3),
             "sample_floor_s": round(2 * weights * prompt / rate + tokens / rows * weights * 4 / bandwidth, 3)}
+    if "bfloat16" in args.dtypes:
+        out["bfloat16_kl_to_float32"] = dtype_kl(args.model or model_path(None), torch.bfloat16)
     return out
+
+
+@torch.no_grad()
+def dtype_kl(path, dtype):
+    """KL(policy in `dtype` || float32 policy) per token, on 16 samples of 64 tokens of the `dtype` model (k1, k3)."""
+    model, tok = load_model(path, dtype=dtype)
+    prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": PROMPT}]))
+    outs = Sampler(model, tok).generate([prompt], n=16, max_new_tokens=64, temperature=1.0, stop_ids=(),
+                                        generator=torch.Generator().manual_seed(0))
+    return kl_to_float32(load_model(path)[0], outs)
 
 
 def bench_gpu(args):
@@ -360,6 +375,8 @@ def main():
     ap.add_argument("--iterations", type=int, default=3, help="timed iterations after one warm-up (grpo)")
     ap.add_argument("--budget", type=int, default=80, help="oracle calls of the measured run (step): 20 warm start")
     ap.add_argument("--kl-coefs", type=float, nargs="+", default=[0.0, 0.1], help="KL coefficients to run (step)")
+    ap.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
+                    help="step: run.py --dtype of each run (bfloat16: opt-in, changes numerics; its KL to float32 is printed)")
     args = ap.parse_args()
     if args.what == "gpu" and not torch.cuda.is_available():
         print("error: bench.py gpu needs a CUDA GPU; none is visible to PyTorch here", file=sys.stderr)

@@ -96,6 +96,11 @@ def bootstrap_ci(xs, n=4000, seed=0, groups=None):
     return sum(total) / len(total), means[int(0.025 * n)], means[int(0.975 * n) - 1]
 
 
+def runs_ci(runs, fn):
+    """bootstrap_ci of fn(run) over runs, a problem's seeds resampled together."""
+    return bootstrap_ci([fn(r) for r in runs], groups=[r["task_id"] for r in runs])
+
+
 def fmt(ci, digits=3):
     m, lo, hi = ci
     return "–" if m is None else f"{m:.{digits}f}" if lo is None else f"{m:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
@@ -237,15 +242,15 @@ def report(out, methods_order=None, against=("random", "grpo")):
                   "|---|---|---|---|---|---|---|---|---|"]
         for lab in labels:
             sel = [r for r in rs if r["label"] == lab]
-            ci = lambda xs: bootstrap_ci(xs, groups=[r["task_id"] for r in sel])  # seeds of a problem resampled together
-            solve = ci([float(r["solved"]) for r in sel])
-            best = ci([r["best_reward"] for r in sel])
-            calls = ci([calls_to_solve(r) for r in sel])
-            used = ci([r["oracle_calls"] for r in sel])  # < budget: stopped by --patience or solved
+            ci = lambda fn: runs_ci(sel, fn)
+            solve = ci(lambda r: float(r["solved"]))
+            best = ci(lambda r: r["best_reward"])
+            calls = ci(calls_to_solve)
+            used = ci(lambda r: r["oracle_calls"])  # < budget: stopped by --patience or solved
             wall = sum(r["wall_seconds"] for r in sel) / len(sel)
             unsolved = sum(not r["solved"] for r in sel)
             lines.append(f"| {lab} | {len(sel)} | {fmt(solve, 2)} | {fmt(best)} | {fmt(calls, 0)} | {unsolved} "
-                         f"| {fmt(used, 0)} | {fmt(ci([rise(r) for r in sel]))} | {wall:.0f} |")
+                         f"| {fmt(used, 0)} | {fmt(ci(rise))} | {wall:.0f} |")
         lines += ["", "What the policy samples and how far training moved it: the mean reward of its samples (of "
                   "the task prompt; for a method with no task-prompt samples, of its NS prompts) in the first and "
                   "last third of a run's steps, whose difference is the rise above; in the last third, the shares "
@@ -280,10 +285,9 @@ def report(out, methods_order=None, against=("random", "grpo")):
                       "|---|---|---|---|"]
             for lab in labels:
                 sel = [r for r in rs if r["label"] == lab]
-                ci = lambda xs: bootstrap_ci(xs, groups=[r["task_id"] for r in sel])
-                p2 = ci([r["final"].get("pass@2", 0.0) for r in sel])
-                ran = ci([r["final"].get("run_share") for r in sel])
-                lines.append(f"| {lab} | {fmt(p2, 2)} | {fmt(ci([r['best_reward'] for r in sel]))} "
+                p2 = runs_ci(sel, lambda r: r["final"].get("pass@2", 0.0))
+                ran = runs_ci(sel, lambda r: r["final"].get("run_share"))
+                lines.append(f"| {lab} | {fmt(p2, 2)} | {fmt(runs_ci(sel, lambda r: r['best_reward']))} "
                              f"| {fmt(ran)} |")
         lines.append("")
         plot_task(out, task, rs, labels, budget)

@@ -74,18 +74,23 @@ def launch(job):
     return folder, time.time() - t, rc
 
 
+def _clusters(xs, groups=None):
+    """The values that are not None, as the lists bootstrap_ci resamples: one per group, or one per value."""
+    clusters = {}
+    for i, x in enumerate(xs):
+        if x is not None:
+            clusters.setdefault(i if groups is None else groups[i], []).append(x)
+    return list(clusters.values())
+
+
 def bootstrap_ci(xs, n=4000, seed=0, groups=None):
     """Mean and 95% percentile-bootstrap interval of the mean; (mean, lo, hi), Nones for no data. With `groups`
     (one label per x, e.g. the problem of each run), whole groups are resampled: runs of one problem at several
     seeds are not independent draws, and treating them so would narrow the interval. One x per group is the
     plain bootstrap, draw for draw."""
-    keep = [i for i, x in enumerate(xs) if x is not None]
-    if not keep:
+    clusters = _clusters(xs, groups)
+    if not clusters:
         return None, None, None
-    clusters = {}
-    for i in keep:
-        clusters.setdefault(i if groups is None else groups[i], []).append(xs[i])
-    clusters = list(clusters.values())
     total = [x for c in clusters for x in c]
     rng = random.Random(seed)
     means = []
@@ -185,8 +190,7 @@ def paired_ci(pairs, n=4000, seed=0, groups=None):
     pairs."""
     diffs = [None if a is None or b is None else a - b for a, b in pairs]
     m, lo, hi = bootstrap_ci(diffs, n, seed, groups)
-    units = {i if groups is None else groups[i] for i, d in enumerate(diffs) if d is not None}  # what is resampled
-    return (m, lo, hi) if len(units) >= MIN_PAIRS else (m, None, None)
+    return (m, lo, hi) if len(_clusters(diffs, groups)) >= MIN_PAIRS else (m, None, None)
 
 
 def excludes_zero(ci):

@@ -226,6 +226,38 @@ def calls_to_solve(run):
     return next((c for c, r in run["curve"] if r >= best), run["oracle_calls"])
 
 
+def by_problem(rs, labels, problems, seeds):
+    """Table lines: the best reward of every run, problem x method, its seeds in order ("·" for one not run)."""
+    cell = {(r["task_id"], r["label"], r["seed"]): r for r in rs}
+    show = lambda r: "·" if r is None else f"**{r['best_reward']:.3f}**" if r["solved"] else f"{r['best_reward']:.3f}"
+    which = f"seed {seeds[0]}" if len(seeds) == 1 else "seeds " + " / ".join(map(str, seeds)) + " in order"
+    lines = [f"Best reward of every run, by problem and method, {which} (bold: solved; ·: not run):", "",
+             "| problem | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    for p in problems:
+        cells = [" / ".join(show(cell.get((p, lab, s))) for s in seeds) for lab in labels]
+        lines.append(f"| {p} | " + " | ".join(c if c.strip("· /") else "·" for c in cells) + " |")
+    return lines
+
+
+def every_run(rs, labels, problems):
+    """Table lines: one row a run, what it found and what its learning diagnostics say (as the tables above)."""
+    f = lambda x, d=3: "–" if x is None else f"{x:.{d}f}"
+    lines = ["Every run: its best candidate (when short), the oracle calls it used, and its diagnostics:", "",
+             "| run | best reward | best candidate | oracle calls used | steps | policy reward, first → last third "
+             "| repeat share, last third | new candidates' reward, last third | KL, last | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    order = lambda r: (problems.index(r["task_id"]), labels.index(r["label"]), r["seed"])
+    for r in sorted(rs, key=order):
+        word = str(r.get("best_candidate") or "")
+        word = f"`{word}`" if word and len(word) <= 30 and "\n" not in word and "`" not in word else "–"
+        a, b = thirds(policy_rewards(r))
+        lines.append(f"| {r['task_id']} {r['label']} s{r['seed']} | {r['best_reward']:.3f}{' (solved)' * r['solved']} "
+                     f"| {word} | {r['oracle_calls']} | {r['steps']} | {f(a)} → {f(b)} "
+                     f"| {f(last_third(r, 'repeat_share'), 2)} | {f(last_third(r, 'new_reward'))} "
+                     f"| {f(last(r, 'kl'), 1)} | {r['wall_seconds']:.0f} |")
+    return lines
+
+
 def report(out, methods_order=None, against=("random", "grpo")):
     runs = load_runs(out)
     if not runs:
@@ -284,6 +316,7 @@ def report(out, methods_order=None, against=("random", "grpo")):
                       "the interval excludes 0:", "",
                       "| difference | pairs | " + " | ".join(m for m, _, _ in metrics) + " |",
                       "|---|---|" + "---|" * len(metrics), *paired]
+        lines += ["", *by_problem(rs, labels, problems, seeds), "", *every_run(rs, labels, problems)]
         if task == "arc":
             lines += ["", "| method | pass@2 (mean over runs) | best train reward | share of programs that run |",
                       "|---|---|---|---|"]

@@ -65,6 +65,23 @@ def test_table_reports_what_the_runs_found(done):
     assert (out / "toy.png").stat().st_size > 1000, "the reward-vs-calls plot is missing"
 
 
+def test_every_run_is_in_the_report(done):
+    out, _ = done
+    text = (out / "results.md").read_text()
+    s = summaries(out).values()
+    shown = lambda v: f"**{v['best_reward']:.3f}**" if v["solved"] else f"{v['best_reward']:.3f}"
+    for problem in ("cat", "dog"):
+        # the problem x method table: each cell the runs' best rewards, seed 0 then seed 1
+        cells = table_row(text, problem)
+        for col, method in ((1, "random"), (2, "grpo")):
+            runs = sorted((v for v in s if v["task_id"] == problem and v["method"] == method), key=lambda v: v["seed"])
+            assert cells[col] == " / ".join(map(shown, runs)), (problem, method, cells)
+    for v in s:
+        cells = table_row(text, f"{v['task_id']} {v['method']} s{v['seed']}")
+        assert float(cells[1].split()[0]) == round(v["best_reward"], 3) and cells[3] == str(v["oracle_calls"]), cells
+        assert cells[2] in ("–", f"`{v['best_candidate']}`"), cells
+
+
 def test_finished_runs_are_skipped_and_an_unfinished_one_is_resumed(done):
     out, _ = done
     before = {n: (out / "runs" / n / "summary.json").stat().st_mtime_ns for n in summaries(out)}

@@ -106,6 +106,10 @@ def runs_ci(runs, fn):
     return bootstrap_ci([fn(r) for r in runs], groups=[r["task_id"] for r in runs])
 
 
+def num(x, digits=3):
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
 def fmt(ci, digits=3):
     m, lo, hi = ci
     return "–" if m is None else f"{m:.{digits}f}" if lo is None else f"{m:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
@@ -241,7 +245,6 @@ def by_problem(rs, labels, problems, seeds):
 
 def every_run(rs, labels, problems):
     """Table lines: one row a run, what it found and what its learning diagnostics say (as the tables above)."""
-    f = lambda x, d=3: "–" if x is None else f"{x:.{d}f}"
     lines = ["Every run: its best candidate (when short), the oracle calls it used, and its diagnostics:", "",
              "| run | best reward | best candidate | oracle calls used | steps | policy reward, first → last third "
              "| repeat share, last third | new candidates' reward, last third | KL, last | wall s |",
@@ -252,9 +255,9 @@ def every_run(rs, labels, problems):
         word = f"`{word}`" if word and len(word) <= 30 and "\n" not in word and "`" not in word else "–"
         a, b = thirds(policy_rewards(r))
         lines.append(f"| {r['task_id']} {r['label']} s{r['seed']} | {r['best_reward']:.3f}{' (solved)' * r['solved']} "
-                     f"| {word} | {r['oracle_calls']} | {r['steps']} | {f(a)} → {f(b)} "
-                     f"| {f(last_third(r, 'repeat_share'), 2)} | {f(last_third(r, 'new_reward'))} "
-                     f"| {f(last(r, 'kl'), 1)} | {r['wall_seconds']:.0f} |")
+                     f"| {word} | {r['oracle_calls']} | {r['steps']} | {num(a)} → {num(b)} "
+                     f"| {num(last_third(r, 'repeat_share'), 2)} | {num(last_third(r, 'new_reward'))} "
+                     f"| {num(last(r, 'kl'), 1)} | {r['wall_seconds']:.0f} |")
     return lines
 
 
@@ -299,7 +302,7 @@ def report(out, methods_order=None, against=("random", "grpo")):
         for lab in labels:
             sel = [r for r in rs if r["label"] == lab]
             first, last_ = zip(*(thirds(policy_rewards(r)) for r in sel))
-            mean = lambda xs: (lambda v: "–" if not v else f"{sum(v) / len(v):.3f}")([x for x in xs if x is not None])
+            mean = lambda xs: (lambda v: num(sum(v) / len(v) if v else None))([x for x in xs if x is not None])
             lines.append(f"| {lab} | {mean(first)} | {mean(last_)} "
                          f"| {mean(last_third(r, 'failed_share') for r in sel)} "
                          f"| {mean(last_third(r, 'repeat_share') for r in sel)} "

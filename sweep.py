@@ -69,7 +69,7 @@ def learning_table(out):
     against its untrained reference (`random` for its words per completion; `ns` for MiGrATe, whose Semantle
     groups are all neighbourhood), the last third's repeat and parse-failure shares, the last KL to the base
     policy, and the best reward."""
-    from experiments import excludes_zero, fmt, last, last_third, load_runs, paired_ci, rise
+    from report import excludes_zero, fmt, last, last_third, load_runs, paired_ci, rise
     runs = load_runs(out, unfinished=True)
     key = lambda r: (r["task_id"], r["seed"])
     words = lambda r: r["task_options"].get("words", 2)

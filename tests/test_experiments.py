@@ -127,7 +127,7 @@ def test_too_few_pairs_give_no_interval_and_no_significance():
     """A bootstrap over one or two paired differences is no interval: the table shows the mean alone, unstarred
     (the airbase pair once read "-0.070 [-0.070, -0.070] *")."""
     sys.path.insert(0, ROOT)
-    from experiments import MIN_PAIRS, excludes_zero, fmt, paired_ci
+    from report import MIN_PAIRS, excludes_zero, fmt, paired_ci
     few = paired_ci([(0.3, 0.4)] * (MIN_PAIRS - 1))
     assert few[1] is None and not excludes_zero(few) and fmt(few) == "-0.100", few
     enough = paired_ci([(0.3, 0.4), (0.2, 0.35), (0.1, 0.3)])
@@ -140,7 +140,7 @@ def test_seeds_of_one_problem_are_resampled_together():
     seeds that agree do not narrow it as more problems would; one run per problem is the plain bootstrap, and two
     problems give no interval however many seeds they have."""
     sys.path.insert(0, ROOT)
-    from experiments import bootstrap_ci, excludes_zero, paired_ci
+    from report import bootstrap_ci, excludes_zero, paired_ci
     xs = [0.10, 0.12, 0.50, 0.52, 0.90, 0.88]  # three problems, two seeds each
     problems = ["a", "a", "b", "b", "c", "c"]
     plain, grouped = bootstrap_ci(xs), bootstrap_ci(xs, groups=problems)
@@ -156,7 +156,7 @@ def test_policy_reward_reads_ns_samples_when_a_group_has_no_on_policy_ones():
     """Semantle's MiGrATe and ns groups are all neighbourhood: their rise is over NS samples; runs logged before
     neighbour_reward existed fall back to the group mean only when the group had no greedy member."""
     sys.path.insert(0, ROOT)
-    from experiments import policy_reward
+    from report import policy_reward
     assert policy_reward({"on_policy_reward": 0.2, "neighbour_reward": 0.5}) == 0.2
     assert policy_reward({"on_policy_reward": None, "neighbour_reward": 0.5}) == 0.5
     old = {"on_policy_reward": None, "group_reward_mean": 0.4, "members": {"neighbour": 5, "greedy": 0}}

@@ -204,8 +204,14 @@ def every_run(rs, labels, problems):
     return lines
 
 
-def report(out, methods_order=None, against=("random", "grpo")):
-    runs = load_runs(out)
+def report(out, labels=None, against=("random", "grpo"), problems=None, seeds=None, name="results"):
+    """Write <out>/<name>.md and the plots of every finished run under <out>/runs that is in the grid: its label
+    in `labels`, (task, problem) in `problems` (a problem None stands for every problem of that task) and its
+    seed in `seeds`; None takes all. A name other than "results" suffixes the plots (<task>-<name>.png), so a
+    side comparison (an ablation) can share a folder, and runs, with the main grid."""
+    keep = lambda r: ((labels is None or r["label"] in labels) and (seeds is None or r["seed"] in seeds) and
+                      (problems is None or (r["task"], r["task_id"]) in problems or (r["task"], None) in problems))
+    runs = [r for r in load_runs(out) if keep(r)]
     if not runs:
         return "no finished runs"
     by_task = {}
@@ -213,16 +219,16 @@ def report(out, methods_order=None, against=("random", "grpo")):
         by_task.setdefault(r["task"], []).append(r)
     lines = []
     for task, rs in by_task.items():
-        labels = [m for m in (methods_order or []) if any(r["label"] == m for r in rs)]
-        labels += sorted({r["label"] for r in rs} - set(labels))
-        problems = sorted({r["task_id"] for r in rs})
-        seeds = sorted({r["seed"] for r in rs})
+        present = {r["label"] for r in rs}
+        order = [m for m in (labels or []) if m in present] + sorted(present - set(labels or []))
+        task_ids = sorted({r["task_id"] for r in rs})
+        run_seeds = sorted({r["seed"] for r in rs})
         budget = max(r["budget"] for r in rs)
-        lines += [f"### {task}: {len(problems)} problem(s) x {len(seeds)} seed(s), budget {budget} oracle calls", "",
+        lines += [f"### {task}: {len(task_ids)} problem(s) x {len(run_seeds)} seed(s), budget {budget} oracle calls", "",
                   "| method | runs | solve rate | best reward | oracle calls to solve (solved runs) | unsolved "
                   "| oracle calls used | policy reward rise | wall s / run |",
                   "|---|---|---|---|---|---|---|---|---|"]
-        for lab in labels:
+        for lab in order:
             sel = [r for r in rs if r["label"] == lab]
             ci = lambda fn: runs_ci(sel, fn)
             solve = ci(lambda r: float(r["solved"]))
@@ -242,7 +248,7 @@ def report(out, methods_order=None, against=("random", "grpo")):
                   "",
                   "| method | policy reward, first third | last third | failed share | repeat share | new candidates' reward | "
                   "KL | log p(best) gain | steps |", "|---|---|---|---|---|---|---|---|---|"]
-        for lab in labels:
+        for lab in order:
             sel = [r for r in rs if r["label"] == lab]
             first, last_ = zip(*(thirds(policy_rewards(r)) for r in sel))
             mean = lambda xs: (lambda v: num(sum(v) / len(v) if v else None))([x for x in xs if x is not None])
@@ -256,27 +262,28 @@ def report(out, methods_order=None, against=("random", "grpo")):
                    ("policy reward rise", rise, 3)]
         if task == "arc":
             metrics.append(("pass@2", lambda r: r["final"].get("pass@2", 0.0), 2))
-        paired = paired_rows(rs, labels, against or [], metrics)
+        paired = paired_rows(rs, order, against or [], metrics)
         if paired:
             lines += ["", "Paired differences on the same (problem, seed), mean [95% paired bootstrap CI]; * where "
                       "the interval excludes 0:", "",
                       "| difference | pairs | " + " | ".join(m for m, _, _ in metrics) + " |",
                       "|---|---|" + "---|" * len(metrics), *paired]
-        lines += ["", *by_problem(rs, labels, problems, seeds), "", *every_run(rs, labels, problems)]
+        lines += ["", *by_problem(rs, order, task_ids, run_seeds), "", *every_run(rs, order, task_ids)]
         if task == "arc":
             lines += ["", "| method | pass@2 (mean over runs) | best train reward | share of programs that run |",
                       "|---|---|---|---|"]
-            for lab in labels:
+            for lab in order:
                 sel = [r for r in rs if r["label"] == lab]
                 p2 = runs_ci(sel, lambda r: r["final"].get("pass@2", 0.0))
                 ran = runs_ci(sel, lambda r: r["final"].get("run_share"))
                 lines.append(f"| {lab} | {fmt(p2, 2)} | {fmt(runs_ci(sel, lambda r: r['best_reward']))} "
                              f"| {fmt(ran)} |")
         lines.append("")
-        plot_task(out, task, rs, labels, budget)
-        plot_learning(out, task, rs, labels)
+        suffix = "" if name == "results" else f"-{name}"
+        plot_task(out, task + suffix, rs, order, budget)
+        plot_learning(out, task + suffix, rs, order)
     text = "\n".join(lines)
-    with open(os.path.join(out, "results.md"), "w") as f:
+    with open(os.path.join(out, f"{name}.md"), "w") as f:
         f.write(text + "\n")
     return text
 

@@ -123,6 +123,27 @@ def test_paired_differences_and_a_report_from_what_git_keeps(done, tmp_path):
     assert (kept / "results.md").read_text() == text
 
 
+def test_a_named_report_covers_only_the_grid_it_names(done, tmp_path):
+    """An ablation shares its folder and some arms with the main grid: `--name` writes <name>.md and its own
+    plots from the runs of the tasks, labels and seeds named, and leaves results.md alone."""
+    import shutil
+    out, _ = done
+    kept = tmp_path / "kept"
+    shutil.copytree(out, kept)
+    before = (kept / "results.md").read_text()
+    r = subprocess.run([sys.executable, "experiments.py", "--tasks", "toy:cat", "--methods", "grpo", "--seeds", "1",
+                        "--out", str(kept), "--report-only", "--name", "side"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    text = (kept / "side.md").read_text()
+    assert "toy: 1 problem(s) x 1 seed(s)" in text, text[:300]
+    assert table_row(text, "grpo")[1] == "1", "one run: cat, grpo, seed 1"
+    assert not any(line.startswith(("| random |", "| dog |")) for line in text.splitlines()), "outside the grid"
+    want = next(v for v in summaries(kept).values() if (v["task_id"], v["method"], v["seed"]) == ("cat", "grpo", 1))
+    assert table_row(text, "cat grpo s1")[1].split()[0] == f"{want['best_reward']:.3f}"
+    assert (kept / "toy-side.png").stat().st_size > 1000 and (kept / "results.md").read_text() == before
+
+
 def test_too_few_pairs_give_no_interval_and_no_significance():
     """A bootstrap over one or two paired differences is no interval: the table shows the mean alone, unstarred
     (the airbase pair once read "-0.070 [-0.070, -0.070] *")."""

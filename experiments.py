@@ -14,9 +14,9 @@ calls, one curve per method, the mean over runs with its 95% band).
 Task specs: `task:id,id,...`, or `task:<named set>` (e.g. semantle:paper, arc:evaluation-small), or a bare
 `task` for its default problem. Extra run.py flags go after `--`, e.g. `-- --max-new-tokens 32`.
 --label names a variant (e.g. an alpha/beta/gamma mix) so several variants of one method share a folder.
-The report covers the grid the command names (tasks x methods, or the --label, x seeds), so an ablation can share
-a folder and some runs with the main grid: `--report-only --name ablation` writes ablation.md and
-<task>-ablation.png beside results.md.
+The report (results.md) covers every finished run in the folder. `--name NAME` reports only the grid the command
+names (tasks x methods, or the --label, x seeds) as NAME.md, <task>-NAME.png and <task>-NAME-learning.png, so a
+side comparison (an ablation) shares a folder, and the runs it has in common, with the main grid.
 """
 import argparse
 import os
@@ -89,14 +89,16 @@ def main():
     ap.add_argument("--report-only", action="store_true", help="only aggregate the runs already finished")
     ap.add_argument("--against", nargs="*", default=["random", "grpo"],
                     help="labels every other method is compared with, paired on (problem, seed)")
-    ap.add_argument("--name", default="results",
-                    help="the report's name: <out>/<name>.md and, for a name other than results, <task>-<name>.png; "
-                         "the report covers only the grid named here (tasks x methods or --label x seeds), so a "
-                         "side comparison such as an ablation can share a folder and runs with the main grid")
+    ap.add_argument("--name", default=None,
+                    help="report only the grid named here (tasks x methods or --label, x seeds) as <out>/<name>.md, "
+                         "<task>-<name>.png and <task>-<name>-learning.png, beside results.md (which, without "
+                         "--name, covers every finished run in the folder)")
     ap.add_argument("extra", nargs=argparse.REMAINDER, help="after --: flags passed to every run.py")
     args = ap.parse_args()
-    if not re.fullmatch(r"[\w.-]+", args.name):
+    if args.name is not None and not re.fullmatch(r"[\w.-]+", args.name):
         ap.error(f"--name is a file name (letters, digits, . _ -), not {args.name!r}")
+    if args.name is not None and (args.name == "learning" or args.name.endswith("-learning")):
+        ap.error(f"--name {args.name!r} would overwrite a learning plot (<task>-...-learning.png); choose another")
     if args.threads is not None and args.threads < 1:
         ap.error(f"--threads must be at least 1, not {args.threads}")
     extra = [a for a in args.extra if a != "--"]
@@ -122,9 +124,13 @@ def main():
                 state = "ok" if rc == 0 else f"FAILED (exit {rc}, see {folder}.log)"
                 print(f"[{i}/{len(jobs)}] {os.path.basename(folder)} {secs:.0f} s {state} "
                       f"({time.time() - t0:.0f} s so far)", file=sys.stderr, flush=True)
+    if args.name is None:  # every run in the folder: a launch of one variant (--label) keeps the others in results.md
+        print(report(args.out, args.methods, args.against))
+        return
     grid = {(task_name(task), tid) for spec in args.tasks for task, ids in [expand(spec)] for tid in ids}
     labels = [args.label] if args.label else args.methods
-    print(report(args.out, labels, args.against, problems=grid, seeds=set(args.seeds), name=args.name))
+    print(report(args.out, labels, args.against, labels=set(labels), problems=grid, seeds=set(args.seeds),
+                 name=args.name))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """The report of an experiment folder: every finished run under <out>/runs read back from its summary.json and
-metrics.jsonl, and written out as results.md and one plot per task. Nothing here runs a model, so the tables
+metrics.jsonl, and written out as results.md (or <name>.md, for a named subset) and two plots per task. Nothing here runs a model, so the tables
 and plots rebuild from what git keeps (`python experiments.py ... --report-only`).
 
 Statistics: a mean with a 95% percentile-bootstrap interval that resamples problems (a problem's seeds go
@@ -10,6 +10,7 @@ share, KL) come from the per-step metrics run.py logs.
 import json
 import os
 import random
+import sys
 
 
 def task_name(task):
@@ -50,10 +51,12 @@ def runs_ci(runs, fn):
 
 
 def num(x, digits=3):
+    """A number for a table cell; a dash for a value that does not exist (None)."""
     return "–" if x is None else f"{x:.{digits}f}"
 
 
 def fmt(ci, digits=3):
+    """A (mean, low, high) interval as "m [lo, hi]"; the mean alone when there is no interval."""
     m, lo, hi = ci
     return "–" if m is None else f"{m:.{digits}f}" if lo is None else f"{m:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
@@ -102,6 +105,7 @@ def policy_reward(m):
 
 
 def policy_rewards(run):
+    """The run's `policy_reward` per step, the steps without one left out."""
     return [y for y in map(policy_reward, run["metrics"]) if y is not None]
 
 
@@ -125,6 +129,7 @@ def last_third(run, key):
 
 
 def last(run, key):
+    """The last logged value of a per-step metric (None if never logged)."""
     return next((m[key] for m in reversed(run["metrics"]) if m.get(key) is not None), None)
 
 
@@ -141,6 +146,7 @@ def paired_ci(pairs, n=4000, seed=0, groups=None):
 
 
 def excludes_zero(ci):
+    """Is a difference significant: its interval exists and 0 is outside it."""
     return ci[1] is not None and not ci[1] <= 0 <= ci[2]
 
 
@@ -204,14 +210,22 @@ def every_run(rs, labels, problems):
     return lines
 
 
-def report(out, labels=None, against=("random", "grpo"), problems=None, seeds=None, name="results"):
-    """Write <out>/<name>.md and the plots of every finished run under <out>/runs that is in the grid: its label
-    in `labels`, (task, problem) in `problems` (a problem None stands for every problem of that task) and its
-    seed in `seeds`; None takes all. A name other than "results" suffixes the plots (<task>-<name>.png), so a
-    side comparison (an ablation) can share a folder, and runs, with the main grid."""
+def report(out, order=None, against=("random", "grpo"), labels=None, problems=None, seeds=None, name="results"):
+    """Write <out>/<name>.md and the plots of the finished runs under <out>/runs, the labels in `order` first.
+    By default every run; a grid keeps only the runs with a label in `labels`, (task, problem) in `problems` (a
+    problem None stands for every problem of that task) and a seed in `seeds` (None takes all). A name other than
+    "results" suffixes the plots (<task>-<name>.png, <task>-<name>-learning.png), so a side comparison (an
+    ablation) can share a folder, and runs, with the main grid."""
     keep = lambda r: ((labels is None or r["label"] in labels) and (seeds is None or r["seed"] in seeds) and
                       (problems is None or (r["task"], r["task_id"]) in problems or (r["task"], None) in problems))
     runs = [r for r in load_runs(out) if keep(r)]
+    # a grid entry with no run is most often a misspelt label or problem id: say so rather than drop it silently
+    found = {(r["task"], r["task_id"]) for r in runs} | {(r["task"], None) for r in runs}
+    for what, missing in [("label", set(labels or ()) - {r["label"] for r in runs}),
+                          ("problem", {f"{t}:{p or '(all)'}" for t, p in problems or () if (t, p) not in found}),
+                          ("seed", set(seeds or ()) - {r["seed"] for r in runs})]:
+        for m in sorted(missing, key=str):
+            print(f"note: no finished run in the report has {what} {m}", file=sys.stderr)
     if not runs:
         return "no finished runs"
     by_task = {}
@@ -220,7 +234,7 @@ def report(out, labels=None, against=("random", "grpo"), problems=None, seeds=No
     lines = []
     for task, rs in by_task.items():
         present = {r["label"] for r in rs}
-        order = [m for m in (labels or []) if m in present] + sorted(present - set(labels or []))
+        shown = [m for m in (order or []) if m in present] + sorted(present - set(order or []))
         task_ids = sorted({r["task_id"] for r in rs})
         run_seeds = sorted({r["seed"] for r in rs})
         budget = max(r["budget"] for r in rs)
@@ -228,7 +242,7 @@ def report(out, labels=None, against=("random", "grpo"), problems=None, seeds=No
                   "| method | runs | solve rate | best reward | oracle calls to solve (solved runs) | unsolved "
                   "| oracle calls used | policy reward rise | wall s / run |",
                   "|---|---|---|---|---|---|---|---|---|"]
-        for lab in order:
+        for lab in shown:
             sel = [r for r in rs if r["label"] == lab]
             ci = lambda fn: runs_ci(sel, fn)
             solve = ci(lambda r: float(r["solved"]))
@@ -248,7 +262,7 @@ def report(out, labels=None, against=("random", "grpo"), problems=None, seeds=No
                   "",
                   "| method | policy reward, first third | last third | failed share | repeat share | new candidates' reward | "
                   "KL | log p(best) gain | steps |", "|---|---|---|---|---|---|---|---|---|"]
-        for lab in order:
+        for lab in shown:
             sel = [r for r in rs if r["label"] == lab]
             first, last_ = zip(*(thirds(policy_rewards(r)) for r in sel))
             mean = lambda xs: (lambda v: num(sum(v) / len(v) if v else None))([x for x in xs if x is not None])
@@ -262,17 +276,17 @@ def report(out, labels=None, against=("random", "grpo"), problems=None, seeds=No
                    ("policy reward rise", rise, 3)]
         if task == "arc":
             metrics.append(("pass@2", lambda r: r["final"].get("pass@2", 0.0), 2))
-        paired = paired_rows(rs, order, against or [], metrics)
+        paired = paired_rows(rs, shown, against or [], metrics)
         if paired:
             lines += ["", "Paired differences on the same (problem, seed), mean [95% paired bootstrap CI]; * where "
                       "the interval excludes 0:", "",
                       "| difference | pairs | " + " | ".join(m for m, _, _ in metrics) + " |",
                       "|---|---|" + "---|" * len(metrics), *paired]
-        lines += ["", *by_problem(rs, order, task_ids, run_seeds), "", *every_run(rs, order, task_ids)]
+        lines += ["", *by_problem(rs, shown, task_ids, run_seeds), "", *every_run(rs, shown, task_ids)]
         if task == "arc":
             lines += ["", "| method | pass@2 (mean over runs) | best train reward | share of programs that run |",
                       "|---|---|---|---|"]
-            for lab in order:
+            for lab in shown:
                 sel = [r for r in rs if r["label"] == lab]
                 p2 = runs_ci(sel, lambda r: r["final"].get("pass@2", 0.0))
                 ran = runs_ci(sel, lambda r: r["final"].get("run_share"))
@@ -280,8 +294,8 @@ def report(out, labels=None, against=("random", "grpo"), problems=None, seeds=No
                              f"| {fmt(ran)} |")
         lines.append("")
         suffix = "" if name == "results" else f"-{name}"
-        plot_task(out, task + suffix, rs, order, budget)
-        plot_learning(out, task + suffix, rs, order)
+        plot_task(out, task + suffix, rs, shown, budget)
+        plot_learning(out, task + suffix, rs, shown)
     text = "\n".join(lines)
     with open(os.path.join(out, f"{name}.md"), "w") as f:
         f.write(text + "\n")
@@ -289,6 +303,7 @@ def report(out, labels=None, against=("random", "grpo"), problems=None, seeds=No
 
 
 def plot_task(out, task, runs, labels, budget):
+    """<out>/<task>.png: best reward so far against oracle calls, per label the mean over runs and its 95% band."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

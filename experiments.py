@@ -4,19 +4,20 @@
         --budget 80 --out experiments/semantle
     python experiments.py --tasks mytask:id1,id2 --methods random migrate --seeds 0 1     # any task module
 
-Each run is `python run.py ...` in its own folder under --out, several at once in separate processes sized
-to the cores (--jobs at once, the cores shared out among them). The harness is resumable: a run with a summary.json is done and skipped, a
-run with a folder but no summary is continued with --resume. Then every summary.json and metrics.jsonl is
-read and --out gets (from report.py) results.md (per method: solve rate, best reward, oracle calls to solve, each a mean with
-a 95% bootstrap confidence interval that resamples problems, each with all its seeds) and <task>.png (best reward against oracle
-calls, one curve per method, the mean over runs with its 95% band).
+Each run is `python run.py ...` in its own folder under --out, several at once in separate processes sized to the
+cores (--jobs at once, the cores shared out among them). The harness is resumable: a run with a summary.json is done
+and skipped, a run with a folder but no summary is continued with --resume. Then every summary.json and
+metrics.jsonl is read and --out gets (from report.py) results.md (per method: solve rate, best reward, oracle calls
+to solve, each a mean with a 95% bootstrap confidence interval that resamples problems, each with all its seeds) and
+<task>.png (best reward against oracle calls, one curve per method, the mean over runs with its 95% band).
 
 Task specs: `task:id,id,...`, or `task:<named set>` (e.g. semantle:paper, arc:evaluation-small), or a bare
 `task` for its default problem. Extra run.py flags go after `--`, e.g. `-- --max-new-tokens 32`.
 --label names a variant (e.g. an alpha/beta/gamma mix) so several variants of one method share a folder.
 The report (results.md) covers every finished run in the folder. `--name NAME` reports only the grid the command
 names (tasks x methods, or the --label, x seeds) as NAME.md, <task>-NAME.png and <task>-NAME-learning.png, so a
-side comparison (an ablation) shares a folder, and the runs it has in common, with the main grid.
+side comparison (an ablation) shares a folder, and the runs it has in common, with the main grid. In that grid a
+bare `task` stands for every problem of the task that has a run, not only its default one.
 """
 import argparse
 import os
@@ -84,7 +85,8 @@ def main():
     ap.add_argument("--threads", type=int, default=None,
                     help="threads a run (default: the cores shared out over the runs in flight; set it when something "
                          "else already uses some of them)")
-    ap.add_argument("--jobs", type=int, default=os.cpu_count(), help="runs in parallel; the cores are shared out among them")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count(),
+                    help="runs in parallel; the cores are shared out among them")
     ap.add_argument("--out", required=True, help="experiment folder")
     ap.add_argument("--report-only", action="store_true", help="only aggregate the runs already finished")
     ap.add_argument("--against", nargs="*", default=["random", "grpo"],
@@ -92,13 +94,17 @@ def main():
     ap.add_argument("--name", default=None,
                     help="report only the grid named here (tasks x methods or --label, x seeds) as <out>/<name>.md, "
                          "<task>-<name>.png and <task>-<name>-learning.png, beside results.md (which, without "
-                         "--name, covers every finished run in the folder)")
+                         "--name, covers every finished run in the folder); a bare task there means all its problems")
     ap.add_argument("extra", nargs=argparse.REMAINDER, help="after --: flags passed to every run.py")
     args = ap.parse_args()
     if args.name is not None and not re.fullmatch(r"[\w.-]+", args.name):
         ap.error(f"--name is a file name (letters, digits, . _ -), not {args.name!r}")
     if args.name is not None and (args.name == "learning" or args.name.endswith("-learning")):
         ap.error(f"--name {args.name!r} would overwrite a learning plot (<task>-...-learning.png); choose another")
+    if args.label is not None and len(args.methods) > 1:  # one label, one folder per (problem, seed): runs would clash
+        ap.error(f"--label names one variant of one method, not of {len(args.methods)} ({' '.join(args.methods)})")
+    if args.name is not None and args.name == "sweep":
+        ap.error("--name sweep is the name sweep.py writes its table under; choose another")
     if args.threads is not None and args.threads < 1:
         ap.error(f"--threads must be at least 1, not {args.threads}")
     extra = [a for a in args.extra if a != "--"]

@@ -1,6 +1,6 @@
 """The report of an experiment folder: every finished run under <out>/runs read back from its summary.json and
-metrics.jsonl, and written out as results.md (or <name>.md, for a named subset) and two plots per task. Nothing here runs a model, so the tables
-and plots rebuild from what git keeps (`python experiments.py ... --report-only`).
+metrics.jsonl, and written out as results.md (or <name>.md, for a named subset) and two plots per task. Nothing
+here runs a model, so the tables and plots rebuild from what git keeps (`python experiments.py ... --report-only`).
 
 Statistics: a mean with a 95% percentile-bootstrap interval that resamples problems (a problem's seeds go
 together: they are not independent draws), and paired differences between methods over (problem, seed),

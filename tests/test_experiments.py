@@ -150,7 +150,7 @@ def test_a_named_report_covers_only_the_grid_it_names(done, tmp_path):
     assert r.returncode == 0 and "no finished run in the report has problem toy:cow" in r.stderr, r.stderr[-2000:]
     # without --name, a launch of one variant (--label) reports every run in the folder: results.md keeps the others
     r = subprocess.run([sys.executable, "experiments.py", "--tasks", "toy:cat", "--methods", "grpo", "--label",
-                        "variant", "--seeds", "1", "--out", str(kept), "--report-only"], cwd=ROOT,
+                        "grpo", "--seeds", "1", "--out", str(kept), "--report-only"], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     after = (kept / "results.md").read_text()
@@ -158,6 +158,11 @@ def test_a_named_report_covers_only_the_grid_it_names(done, tmp_path):
     r = subprocess.run([sys.executable, "experiments.py", "--tasks", "toy:cat", "--out", str(kept), "--report-only",
                         "--name", "learning"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "would overwrite a learning plot" in r.stderr.strip().splitlines()[-1], r.stderr
+    # one --label over two methods would give both the same run folder: refused before anything runs
+    r = subprocess.run([sys.executable, "experiments.py", "--tasks", "toy:cat", "--methods", "grpo", "migrate",
+                        "--label", "mix", "--out", str(kept), "--report-only"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2 and "one variant of one method" in r.stderr.strip().splitlines()[-1], r.stderr
 
 
 def test_too_few_pairs_give_no_interval_and_no_significance():

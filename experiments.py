@@ -97,14 +97,15 @@ def main():
                          "--name, covers every finished run in the folder); a bare task there means all its problems")
     ap.add_argument("extra", nargs=argparse.REMAINDER, help="after --: flags passed to every run.py")
     args = ap.parse_args()
-    if args.name is not None and not re.fullmatch(r"[\w.-]+", args.name):
-        ap.error(f"--name is a file name (letters, digits, . _ -), not {args.name!r}")
-    if args.name is not None and (args.name == "learning" or args.name.endswith("-learning")):
-        ap.error(f"--name {args.name!r} would overwrite a learning plot (<task>-...-learning.png); choose another")
+    if args.name is not None:  # a file name beside results.md that must not overwrite another report's files
+        if not re.fullmatch(r"[\w.-]+", args.name):
+            ap.error(f"--name is a file name (letters, digits, . _ -), not {args.name!r}")
+        if args.name == "learning" or args.name.endswith("-learning"):
+            ap.error(f"--name {args.name!r} would overwrite a learning plot (<task>-...-learning.png); choose another")
+        if args.name == "sweep":
+            ap.error("--name sweep is the name sweep.py writes its table under; choose another")
     if args.label is not None and len(args.methods) > 1:  # one label, one folder per (problem, seed): runs would clash
         ap.error(f"--label names one variant of one method, not of {len(args.methods)} ({' '.join(args.methods)})")
-    if args.name is not None and args.name == "sweep":
-        ap.error("--name sweep is the name sweep.py writes its table under; choose another")
     if args.threads is not None and args.threads < 1:
         ap.error(f"--threads must be at least 1, not {args.threads}")
     extra = [a for a in args.extra if a != "--"]

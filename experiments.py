@@ -28,22 +28,21 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from report import report, task_name
+from tasks import TaskError, load_task, problem_ids
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def expand(spec: str) -> tuple[str, list]:
-    """'semantle:paper' -> ('semantle', [ten targets]); 'molecule:similarity:aspirin,qed' -> two ids."""
-    from tasks import load_task
+    """'semantle:paper' -> ('semantle', [ten targets]); 'molecule:similarity:aspirin,qed' -> two ids; a bare task
+    -> [None], its default problem. An unknown task or a spec that names no problem raises TaskError."""
     task, _, ids = spec.partition(":")
     if task.endswith(".py"):  # a task file: every run.py starts in this folder, so name it from anywhere
         task = os.path.abspath(task)
     if not ids:
+        load_task(task)  # refused here in one line, not once per run it would launch
         return task, [None]
-    named = type(load_task(task)).named_sets()  # a module in tasks/ or a task file given by path
-    if ids in named:
-        return task, list(named[ids])
-    return task, ids.split(",")
+    return task, problem_ids(task, ids)
 
 
 def run_dir(out, task, tid, method, seed, label):
@@ -108,12 +107,15 @@ def main():
         ap.error(f"--label names one variant of one method, not of {len(args.methods)} ({' '.join(args.methods)})")
     if args.threads is not None and args.threads < 1:
         ap.error(f"--threads must be at least 1, not {args.threads}")
+    try:
+        specs = [expand(spec) for spec in args.tasks]
+    except TaskError as e:
+        ap.error(str(e))
     extra = [a for a in args.extra if a != "--"]
     args.out = os.path.abspath(args.out)  # run.py runs in this folder, wherever the harness was started
     if not args.report_only:
         jobs = []
-        for spec in args.tasks:
-            task, ids = expand(spec)
+        for task, ids in specs:
             for tid in ids:
                 for seed in args.seeds:
                     for method in args.methods:
@@ -134,7 +136,7 @@ def main():
     if args.name is None:  # every run in the folder: a launch of one variant (--label) keeps the others in results.md
         print(report(args.out, args.methods, args.against))
         return
-    grid = {(task_name(task), tid) for spec in args.tasks for task, ids in [expand(spec)] for tid in ids}
+    grid = {(task_name(task), tid) for task, ids in specs for tid in ids}
     labels = [args.label] if args.label else args.methods
     print(report(args.out, labels, args.against, labels=set(labels), problems=grid, seeds=set(args.seeds),
                  name=args.name))

@@ -388,8 +388,8 @@ def run_many(args) -> int:
     from datetime import timedelta
     import torch
     import torch.distributed as dist
-    from tasks import load_task
-    ids = expand_ids(args.task, args.task_ids)
+    from tasks import load_task, problem_ids
+    ids = problem_ids(args.task, args.task_ids)
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     base = args.out or os.path.join("runs", f"{args.task}-{args.task_ids}-{args.method}-s{args.seed}"
                                     .replace(":", "_").replace("/", "_").replace(",", "+"))
@@ -431,17 +431,6 @@ def run_many(args) -> int:
     if world > 1:
         dist.destroy_process_group()
     return 0
-
-
-def expand_ids(task, spec) -> list[str]:
-    """'paper' (a named set of the task) or 'id1,id2,...' -> the list of ids."""
-    from tasks import load_task
-    named = type(load_task(task)).named_sets()  # a module in tasks/ or a task file, as experiments.py
-    ids = named.get(spec) or [s for s in spec.split(",") if s]
-    if not ids:
-        raise UsageError(f"--task-ids '{spec}' names no problem; give ids separated by commas or a named set "
-                         f"({', '.join(named) or 'none for this task'})")
-    return ids
 
 
 def main(argv=None):

@@ -180,6 +180,18 @@ def load_task(name: str, task_id: str | None = None, seed: int = 0, options: dic
     return _build(mod.TASK, task_id, seed, options)
 
 
+def problem_ids(name: str, spec: str) -> list[str]:
+    """The problems `spec` names for task `name` (run.py --task-ids, experiments.py task:spec): one of the task's
+    named sets ("paper") or ids separated by commas, each once, since two runs of one id would share a folder."""
+    named = type(load_task(name)).named_sets()
+    ids = named[spec] if spec in named else [s.strip() for s in spec.split(",")]
+    ids = list(dict.fromkeys(i for i in ids if i))
+    if not ids:
+        raise TaskError(f"'{spec}' names no problem of task {name}; give ids separated by commas or a named set "
+                        f"({', '.join(named) or 'none for this task'})")
+    return ids
+
+
 def _build(cls, task_id, seed, options):
     try:
         return cls(task_id, seed=seed, **options)

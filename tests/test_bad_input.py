@@ -70,6 +70,8 @@ BAD_INPUT = {
     "semantle task id": (["--task", "semantle", "--task-id", "two words"], "two words", r"must be|e\.g\."),
     "molecule task id": (["--task", "molecule", "--task-id", "nosuch"], "nosuch", r"use |e\.g\."),
     "toy task id": (["--task", "toy", "--task-id", "X"], "'X'", r"must be"),
+    "task ids naming nothing": (["--task", "toy", "--model", "tiny", "--task-ids", " , "], "names no problem",
+                                r"commas|named set"),
     "negative budget": (["--task", "toy", "--model", "tiny", "--budget", "-5"], "-5", r"at least"),
     "missing model folder": (["--task", "toy", "--model", "/no/such/model"], "/no/such/model", r"give|--model"),
     "garbage safetensors": (["--task", "toy", "--model", "{garbage}"], "model.safetensors", r"re-download|re-convert"),

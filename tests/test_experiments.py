@@ -212,3 +212,20 @@ def test_a_thread_count_below_one_is_refused_in_one_line(tmp_path):
     assert r.returncode != 0 and r.stderr.strip().splitlines()[-1] == \
         "experiments.py: error: --threads must be at least 1, not 0", r.stderr
     assert not (tmp_path / "runs").exists(), "nothing launched"
+
+
+def test_a_task_spec_that_names_no_problem_is_refused_in_one_line(tmp_path):
+    for spec, said in (("nosuch:x", "unknown task 'nosuch'"), ("nosuch", "unknown task 'nosuch'"),
+                       ("toy:,", "names no problem of task toy")):
+        r = subprocess.run([sys.executable, "experiments.py", "--tasks", spec, "--methods", "random", "--out",
+                            str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, (spec, r.stderr)
+        assert said in r.stderr.strip().splitlines()[-1], (spec, r.stderr)
+    assert not (tmp_path / "runs").exists(), "nothing launched"
+
+
+def test_a_repeated_id_is_one_problem_and_a_named_set_is_its_list():
+    from tasks import problem_ids
+    from tasks.semantle import PAPER_TARGETS
+    assert problem_ids("toy", " cat,dog ,cat,") == ["cat", "dog"], "two runs of one id would share a folder"
+    assert problem_ids("semantle", "paper") == PAPER_TARGETS

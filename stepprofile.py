@@ -1,0 +1,155 @@
+"""Where a Semantle step's time goes: `bench.py step`'s run (run.py, MiGrATe, `cpu` preset, a tuning target)
+in this process, with a timer around each part of the step [ours, speed only].
+
+    python stepprofile.py                  # median seconds a trained step spends in each part, as JSON
+    python stepprofile.py --ops 2          # also the aten operators of two steps' sampling (torch.profiler)
+
+`bench.py step` says how long a step takes against its floor; this says which part is over it. Each part's time
+is exclusive (a part called inside another counts once, in the inner one), on the main thread only (the reward
+thread scores finished rows while others decode), and the step's own remainder is what no timer covers:
+database, group building, metrics. Medians are over the trained steps after the first (which also chooses the
+machine's product kernels), as `bench.py step`. The timers cost a few microseconds a call: a share is exact to
+about that, the absolute seconds are a little above an untimed run's. Nothing here changes what the run does.
+"""
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+
+LOOP = "sampling: the sampler's loop (Python, stop checks' logic)"
+# (label, owner, attribute): the functions timed, by where the step spends time
+PARTS = [
+    ("step: search's own remainder", "search.Search", "step"),
+    ("prompts: chat template and tokenizing", "search.Search", "encode"),
+    ("prompts: choosing the anchor", "search.Search", "ns_prompt"),
+    (LOOP, "sampling.Sampler", "generate"),
+    ("sampling: prefill (model modules)", "model.Transformer", "hidden_states"),
+    ("sampling: head at prefill", "model.Transformer", "logits"),
+    ("sampling: repacking weights after an update", "packing.PackedDecoder", "prepare"),
+    ("sampling: packed decode step", "packing.PackedDecoder", "step"),
+    ("sampling: choosing tokens", "sampling", "sample"),
+    ("sampling: detokenizing (stop checks, texts)", "tokenizer.Tokenizer", "decode"),
+    ("sampling: cache row copies", "sampling.KVCache", "select_rows"),
+    ("scoring: waiting on rewards", "search.Search", "score"),
+    ("training: GRPO learner step", "grpo.Learner", "step"),
+]
+
+
+class Timers:
+    """Exclusive seconds per label, main thread only; `steps` gets one dict per Search.step call. A "sampling:"
+    part is timed only inside the sampler (the learner runs the same model modules: that is training's time)."""
+
+    def __init__(self):
+        self.spent, self.stack, self.steps = {}, [], []
+
+    def wrap(self, label, fn):
+        def timed(*a, **k):
+            if threading.current_thread() is not threading.main_thread() or (
+                    label.startswith("sampling:") and label != LOOP and not any(e[0] == LOOP for e in self.stack)):
+                return fn(*a, **k)  # its time stays with its caller
+            self.stack.append([label, time.perf_counter(), 0.0])  # [label, start, seconds in timed callees]
+            try:
+                out = fn(*a, **k)
+            finally:
+                _, start, inner = self.stack.pop()
+                total = time.perf_counter() - start
+                self.spent[label] = self.spent.get(label, 0.0) + total - inner
+                if self.stack:
+                    self.stack[-1][2] += total
+            if label == PARTS[0][0]:  # one Search.step done: its parts
+                self.steps.append({"metrics": out, "parts": dict(self.spent)})
+                self.spent.clear()
+            return out
+        return timed
+
+
+@contextlib.contextmanager
+def timed(timers):
+    import importlib
+    undo = []
+    for label, owner, attr in PARTS:
+        mod, _, cls = owner.partition(".")
+        target = getattr(importlib.import_module(mod), cls) if cls else importlib.import_module(mod)
+        fn = getattr(target, attr)
+        undo.append((target, attr, fn))
+        setattr(target, attr, timers.wrap(label, fn))
+    try:
+        yield
+    finally:
+        for target, attr, fn in reversed(undo):
+            setattr(target, attr, fn)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="Hugging Face folder or embedded name (default: SmolLM2-135M)")
+    ap.add_argument("--task-id", default="river", help="Semantle target: a tuning one, never one of the paper's ten")
+    ap.add_argument("--budget", type=int, default=80, help="oracle calls of the profiled run (20 warm start)")
+    ap.add_argument("--kl-coef", type=float, default=0.0, help="the run's KL coefficient")
+    ap.add_argument("--ops", type=int, default=0, help="also profile aten operators over this many steps' sampling")
+    args = ap.parse_args()
+    import run
+    from bench import machine
+    timers = Timers()
+    with tempfile.TemporaryDirectory() as folder:
+        with timed(timers), contextlib.redirect_stdout(sys.stderr):
+            rc = run.main(run_argv(args, folder))
+        assert rc == 0, f"the profiled run failed (exit {rc})"
+    trained = [s for s in timers.steps[1:] if (s["metrics"] or {}).get("train_seconds", 0) > 0]
+    assert trained, f"no trained step after the first in {args.budget} oracle calls: raise --budget"
+    labels = [label for label, _, _ in PARTS]
+    med = {label: round(statistics.median(s["parts"].get(label, 0.0) for s in trained), 4) for label in labels}
+    seconds = statistics.median(s["metrics"]["seconds"] for s in trained)
+    out = {"machine": machine(), "steps": len(trained), "step_seconds": round(seconds, 3),
+           "sample_seconds": round(statistics.median(s["metrics"]["sample_seconds"] for s in trained), 3),
+           "train_seconds": round(statistics.median(s["metrics"]["train_seconds"] for s in trained), 3),
+           "completion_tokens": statistics.median(s["metrics"]["completion_tokens"] for s in trained),
+           "parts_median_s": dict(sorted(med.items(), key=lambda kv: -kv[1]))}
+    if args.ops:
+        out["ops"] = profile_ops(args)
+    print(json.dumps(out, indent=1))
+
+
+def profile_ops(args):
+    """aten operators by self CPU time over the sampling of `args.ops` steps (the second on) of a second run of
+    the same command: the profiler's cost is per operator, so this ranks them; it does not time them."""
+    import run
+    import sampling
+    from torch.profiler import ProfilerActivity, profile
+    calls, tables = [0], []
+    original = sampling.Sampler.generate
+
+    def generate(self, *a, **k):
+        calls[0] += 1
+        if not 2 <= calls[0] <= 1 + args.ops:
+            return original(self, *a, **k)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            out = original(self, *a, **k)
+        tables.append(prof.key_averages())
+        return out
+    sampling.Sampler.generate = generate
+    try:
+        with tempfile.TemporaryDirectory() as folder, contextlib.redirect_stdout(sys.stderr):
+            run.main(run_argv(args, folder))
+    finally:
+        sampling.Sampler.generate = original
+    total = {}
+    for table in tables:
+        for e in table:
+            total[e.key] = total.get(e.key, 0.0) + e.self_cpu_time_total / 1e6
+    top = sorted(total.items(), key=lambda kv: -kv[1])[:25]
+    return {"steps": len(tables), "self_seconds": {k: round(v, 4) for k, v in top}}
+
+
+def run_argv(args, folder):
+    argv = ["--task", "semantle", "--task-id", args.task_id, "--method", "migrate", "--preset", "cpu",
+            "--budget", str(args.budget), "--diagnostics", "0", "--kl-coef", str(args.kl_coef), "--out", folder]
+    return argv + (["--model", args.model] if args.model else [])
+
+
+if __name__ == "__main__":
+    main()

@@ -228,6 +228,14 @@ GPU_CONFIGS = {  # the shapes of the real models (weights random: nothing large 
 PEAK_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}  # bytes/s of HBM, SXM parts
 
 
+def step_argv(model, budget, kl, folder, task_id="river"):
+    """run.py's flags for the measured Semantle step (bench_step, stepprofile.py): MiGrATe, cpu preset, a tuning
+    target, no learning diagnostics."""
+    argv = ["--task", "semantle", "--task-id", task_id, "--method", "migrate", "--preset", "cpu",
+            "--budget", str(budget), "--diagnostics", "0", "--kl-coef", str(kl), "--out", folder]
+    return argv + (["--model", model] if model else [])
+
+
 def bench_step(args):
     """The step users wait for: `run.py --task semantle --method migrate` on a tuning target (never one of the
     paper's ten), the median seconds of its trained steps after the first, split into sampling and training,
@@ -248,10 +256,7 @@ def bench_step(args):
     for kl, dtype in ((kl, dtype) for dtype in args.dtypes for kl in args.kl_coefs):
         with tempfile.TemporaryDirectory() as folder:
             cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "run.py"),
-                   "--task", "semantle", "--task-id", "river", "--method", "migrate", "--preset", "cpu",
-                   "--budget", str(args.budget), "--diagnostics", "0", "--kl-coef", str(kl), "--dtype", dtype,
-                   "--out", folder]
-            cmd += ["--model", args.model] if args.model else []
+                   *step_argv(args.model, args.budget, kl, folder), "--dtype", dtype]
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
             with open(os.path.join(folder, "metrics.jsonl")) as f:
                 steps = [json.loads(line) for line in f][1:]  # the first step also chooses kernels

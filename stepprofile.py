@@ -93,11 +93,11 @@ def main():
     ap.add_argument("--ops", type=int, default=0, help="also profile aten operators over this many steps' sampling")
     args = ap.parse_args()
     import run
-    from bench import machine
+    from bench import machine, step_argv
     timers = Timers()
     with tempfile.TemporaryDirectory() as folder:
         with timed(timers), contextlib.redirect_stdout(sys.stderr):
-            rc = run.main(run_argv(args, folder))
+            rc = run.main(step_argv(args.model, args.budget, args.kl_coef, folder, args.task_id))
         assert rc == 0, f"the profiled run failed (exit {rc})"
     trained = [s for s in timers.steps[1:] if (s["metrics"] or {}).get("train_seconds", 0) > 0]
     assert trained, f"no trained step after the first in {args.budget} oracle calls: raise --budget"
@@ -119,6 +119,7 @@ def profile_ops(args):
     the same command: the profiler's cost is per operator, so this ranks them; it does not time them."""
     import run
     import sampling
+    from bench import step_argv
     from torch.profiler import ProfilerActivity, profile
     calls, tables = [0], []
     original = sampling.Sampler.generate
@@ -134,7 +135,7 @@ def profile_ops(args):
     sampling.Sampler.generate = generate
     try:
         with tempfile.TemporaryDirectory() as folder, contextlib.redirect_stdout(sys.stderr):
-            run.main(run_argv(args, folder))
+            run.main(step_argv(args.model, args.budget, args.kl_coef, folder, args.task_id))
     finally:
         sampling.Sampler.generate = original
     total = {}
@@ -143,12 +144,6 @@ def profile_ops(args):
             total[e.key] = total.get(e.key, 0.0) + e.self_cpu_time_total / 1e6
     top = sorted(total.items(), key=lambda kv: -kv[1])[:25]
     return {"steps": len(tables), "self_seconds": {k: round(v, 4) for k, v in top}}
-
-
-def run_argv(args, folder):
-    argv = ["--task", "semantle", "--task-id", args.task_id, "--method", "migrate", "--preset", "cpu",
-            "--budget", str(args.budget), "--diagnostics", "0", "--kl-coef", str(args.kl_coef), "--out", folder]
-    return argv + (["--model", args.model] if args.model else [])
 
 
 if __name__ == "__main__":

@@ -18,7 +18,13 @@ from packing import PACK_ROWS, PackedDecoder
 
 SHARE_MIN = 128  # a common prefix shorter than this is not worth a separate attention pass
 CDF_BLOCK = 256  # tokens per block of the two-level inverse-CDF search (sample)
-REPACK_STEPS = 64  # repack for a smaller batch only if this many steps may remain (see packing.py)
+# Repack for a smaller batch only if (rows dropped) x (steps that may remain) reaches this. Measured on an
+# Intel Xeon (2 threads), packed float32: a finished row riding along costs ~4% of a small batch's step
+# (SmolLM2 1.2 ms, Qwen2.5-1.5B 10 ms), while a repack costs 10-19 such steps (0.3-0.8 s, 2.3-5 s) and is
+# paid twice, since the next call packs its full batch again: ~750 row-steps, rounded up because the
+# steps left are an upper bound. Dropping 2 of 5 rows never repays it (it cost a coder-model molecule
+# step 6-12 s); dropping 12 of 16 for 90 steps does.
+REPACK_ROW_STEPS = 1000
 
 
 @dataclass
@@ -340,18 +346,19 @@ class Sampler:
                 next_pos = next_pos + 1
                 continue
             # Drop finished rows once a quarter are done: a cache copy, repaid by smaller steps. On packs, only
-            # when enough steps may remain to repay a repack for the smaller batch; until then the finished
-            # rows ride along in the packed step (its cost hardly depends on a few rows), which is much
-            # cheaper than leaving the packs for the modules.
+            # when enough rows and steps may remain to repay a repack for the smaller batch (REPACK_ROW_STEPS);
+            # until then the finished rows ride along in the packed step (its cost hardly depends on a few
+            # rows), which is much cheaper than leaving the packs for the modules.
             n_live = int(live.sum())
-            repack = packed is not None and n_live in PACK_ROWS and max_new - step > REPACK_STEPS
+            repack = packed is not None and n_live in PACK_ROWS and \
+                (len(rows) - n_live) * (max_new - step - 1) >= REPACK_ROW_STEPS
             if (len(rows) - n_live) * 4 >= len(rows) and (packed is None or repack):
                 keep = live.nonzero()[:, 0]
                 cache.select_rows(keep.to(device))
                 rows = [rows[i] for i in keep.tolist()]
                 tok, next_pos, live = tok[keep.to(device)], next_pos[keep.to(device)], live[keep]
                 if repack:
-                    packed.prepare(len(rows))  # 0.1-0.4 s for SmolLM2, repaid in ~20 steps
+                    packed.prepare(len(rows))
             s = cache.length
             cache.bias[:cache.rows, s] = 0.0  # the new token's own slot
             if packed and packed.rows == cache.rows:  # else rows stopped too late to repay a repack

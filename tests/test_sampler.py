@@ -12,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from default_model import tiny_model_path
 from model import build_model, load_model
 import packing
+import sampling
 from sampling import Sampler, sampling_logits
 
 
@@ -109,6 +110,24 @@ def wide(**kw):
     return build_model(dict(cfg, hidden_size=128, intermediate_size=256, **kw), seed=0)
 
 
+def test_a_few_finished_rows_ride_along_on_the_packs_instead_of_a_repack(tiny, monkeypatch):
+    # A repack for the smaller batch (and the full one again at the next call) costs far more than a few
+    # finished rows riding along: 9 rows of which some stop early, 100 new tokens, keep the packs of 9 rows.
+    _, tok = tiny
+    sampler = Sampler(wide(), tok)
+    if not sampler.packed.available:
+        pytest.skip("no packed kernel in this torch build")
+    sizes = []
+    prepare = sampler.packed.prepare
+    monkeypatch.setattr(sampler.packed, "prepare", lambda rows: sizes.append(rows) or prepare(rows))
+    outs = sampler.generate(["hello", "a longer prompt"], n=[5, 4], max_new_tokens=100, stop_ids=[0, 37, 74],
+                            generator=torch.Generator().manual_seed(1))
+    early = [len(o.ids) for o in outs if o.stop_reason == "stop_token" and len(o.ids) < 30]
+    assert len(early) >= 3 and len(early) * 100 < sampling.REPACK_ROW_STEPS, \
+        f"the draw should stop a quarter of the rows early, too few to repay a repack: {[len(o.ids) for o in outs]}"
+    assert sizes == [9] and sampler.packed.rows == 9, f"packs built for {sizes} rows"
+
+
 @pytest.mark.parametrize("kernel", packing.FLOAT32_KERNELS)
 def test_packed_decoder_decodes_like_the_modules(tiny, monkeypatch, kernel):
     # On CPU, decode batches of 1-64 rows run packing.PackedDecoder's step on packed weights (MKL's or
@@ -122,6 +141,7 @@ def test_packed_decoder_decodes_like_the_modules(tiny, monkeypatch, kernel):
     if not sampler.packed.available:
         pytest.skip(f"this torch build has no {kernel}")
     prompts, n = ["hello", "a longer prompt"], [5, 4]
+    monkeypatch.setattr(sampling, "REPACK_ROW_STEPS", 1)  # repack whenever rows stop: the path under test
     per_step = packed_like_plain(sampler, monkeypatch, prompts, n, stops=list(range(0, 259, 37)))
     assert sampler.packed.rows < 9, "rows stopped early enough for a repack to the smaller batch"
     assert per_step > 0, per_step

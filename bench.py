@@ -6,6 +6,8 @@
   python bench.py step     # a Semantle step of run.py (MiGrATe, cpu preset): seconds sampling and training,
                            # beside the floor this machine's bandwidth and product rate put under each
                            # (--dtypes float32 bfloat16: also the opt-in bfloat16 model, and its KL to float32)
+  python bench.py repack   # what the sampler's REPACK_ROW_STEPS weighs: seconds to rebuild the packed weights
+                           # for a batch, and a packed decode step's milliseconds, per row count (no peer)
   python bench.py gpu      # CUDA, bf16, random weights of real shapes: decode vs transformers, roofline,
                            # one ARC-sized GRPO iteration (needs a GPU; not run on the CPU machines)
 
@@ -16,6 +18,7 @@ import argparse
 import contextlib
 import json
 import platform
+import statistics
 import sys
 import time
 from dataclasses import replace
@@ -245,7 +248,6 @@ def bench_step(args):
     rate. Sampling is the prompt's prefill at that rate plus one read of every weight per decoded token (the
     mean completion's length: the longest is at least that) at the measured bandwidth. No peer runs this step."""
     import os
-    import statistics
     import subprocess
     import tempfile
     model, _ = load_model(args.model or model_path(None))
@@ -291,6 +293,41 @@ def dtype_kl(path, dtype):
     outs = Sampler(model, tok).generate([prompt], n=16, max_new_tokens=64, temperature=1.0, stop_ids=(),
                                         generator=torch.Generator().manual_seed(0))
     return kl_to_float32(load_model(path)[0], outs)
+
+
+def bench_repack(args):
+    """The two costs sampling.REPACK_ROW_STEPS weighs when rows finish early: rebuilding the decoder's packed
+    weights for a smaller batch (paid twice: the next call packs its full batch again), against a finished row
+    riding along in the packed step. Per row count: the seconds of a full rebuild, and the packed decode step's
+    milliseconds (32 tokens more minus 2, no stop). The row-steps that repay a repack are twice the rebuild over
+    the step's cost per row, from the largest and smallest counts."""
+    model, tok = load_model(model_path(args.model))
+    sampler = Sampler(model, tok)
+    assert sampler.packed.available, "this model or machine decodes without packs: nothing to repack"
+    prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": PROMPT}]))
+
+    def seconds(rows, new):
+        t = time.perf_counter()
+        sampler.generate([prompt], n=rows, max_new_tokens=new, stop_ids=(), generator=torch.Generator().manual_seed(0))
+        return time.perf_counter() - t
+    rows_out = []
+    for rows in sorted(args.batches or [16, 8, 4, 2, 1], reverse=True):
+        seconds(rows, 2)  # packs for this count (and, the first time in its size class, the kernels chosen)
+        packed = sampler.packed
+        repack = []
+        for _ in range(args.repeats):
+            packed.packs, packed.rows = {}, None
+            t = time.perf_counter()
+            packed.prepare(rows)
+            repack.append(time.perf_counter() - t)
+        step = (min(seconds(rows, 34) for _ in range(args.repeats)) -
+                min(seconds(rows, 2) for _ in range(args.repeats))) / 32
+        rows_out.append({"rows": rows, "repack_s": round(min(repack), 3), "step_ms": round(1000 * step, 2)})
+    hi, lo = rows_out[0], rows_out[-1]
+    per_row = (hi["step_ms"] - lo["step_ms"]) / max(1, hi["rows"] - lo["rows"]) / 1000
+    repay = round(2 * statistics.mean(r["repack_s"] for r in rows_out) / per_row) if per_row > 0 else None
+    return {"machine": machine(), "model": args.model or "SmolLM2-135M-Instruct", "rows": rows_out,
+            "step_ms_per_row": round(1000 * per_row, 3), "row_steps_to_repay_a_repack": repay}
 
 
 def bench_gpu(args):
@@ -369,9 +406,9 @@ class _RandomTokens:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["sample", "grpo", "step", "gpu"], help="which benchmark")
+    ap.add_argument("what", choices=["sample", "grpo", "step", "repack", "gpu"], help="which benchmark")
     ap.add_argument("--model", default=None, help="Hugging Face folder (default: embedded SmolLM2-135M-Instruct)")
-    ap.add_argument("--batches", type=int, nargs="+", default=None, help="batch sizes (sample: 1 8 16; gpu: 1 16 64)")
+    ap.add_argument("--batches", type=int, nargs="+", default=None, help="batch sizes (sample: 1 8 16; repack: 16 8 4 2 1; gpu: 1 16 64)")
     ap.add_argument("--new-tokens", type=int, default=128, help="tokens generated per row (sample)")
     ap.add_argument("--repeats", type=int, default=2, help="runs per setting; the best is reported")
     ap.add_argument("--weights", nargs="+", default=["float32", "int8"], choices=["float32", "int8"],
@@ -388,7 +425,7 @@ def main():
         sys.exit(2)
     if args.what == "grpo" and "--new-tokens" not in sys.argv:
         args.new_tokens = 64
-    result = {"sample": bench_sample, "grpo": bench_grpo, "step": bench_step, "gpu": bench_gpu}[args.what](args)
+    result = {"sample": bench_sample, "grpo": bench_grpo, "step": bench_step, "repack": bench_repack, "gpu": bench_gpu}[args.what](args)
     print(json.dumps(result, indent=1))
 
 

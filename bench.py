@@ -408,7 +408,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=["sample", "grpo", "step", "repack", "gpu"], help="which benchmark")
     ap.add_argument("--model", default=None, help="Hugging Face folder (default: embedded SmolLM2-135M-Instruct)")
-    ap.add_argument("--batches", type=int, nargs="+", default=None, help="batch sizes (sample: 1 8 16; repack: 16 8 4 2 1; gpu: 1 16 64)")
+    ap.add_argument("--batches", type=int, nargs="+", default=None,
+                    help="batch sizes (sample: 1 8 16; repack: 16 8 4 2 1; gpu: 1 16 64)")
     ap.add_argument("--new-tokens", type=int, default=128, help="tokens generated per row (sample)")
     ap.add_argument("--repeats", type=int, default=2, help="runs per setting; the best is reported")
     ap.add_argument("--weights", nargs="+", default=["float32", "int8"], choices=["float32", "int8"],
@@ -425,7 +426,8 @@ def main():
         sys.exit(2)
     if args.what == "grpo" and "--new-tokens" not in sys.argv:
         args.new_tokens = 64
-    result = {"sample": bench_sample, "grpo": bench_grpo, "step": bench_step, "repack": bench_repack, "gpu": bench_gpu}[args.what](args)
+    benches = {"sample": bench_sample, "grpo": bench_grpo, "step": bench_step, "repack": bench_repack, "gpu": bench_gpu}
+    result = benches[args.what](args)
     print(json.dumps(result, indent=1))
 
 

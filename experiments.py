@@ -28,7 +28,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from report import report, task_name
-from tasks import TaskError, load_task, problem_ids
+from tasks import TaskError, problem_ids, task_class
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -40,7 +40,7 @@ def expand(spec: str) -> tuple[str, list]:
     if task.endswith(".py"):  # a task file: every run.py starts in this folder, so name it from anywhere
         task = os.path.abspath(task)
     if not ids:
-        load_task(task)  # refused here in one line, not once per run it would launch
+        task_class(task)  # an unknown task is refused here in one line, not once per run it would launch
         return task, [None]
     return task, problem_ids(task, ids)
 

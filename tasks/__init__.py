@@ -158,7 +158,11 @@ class Task:
 def load_task(name: str, task_id: str | None = None, seed: int = 0, options: dict | None = None) -> Task:
     """A task by module name in tasks/ ("arc", "semantle", ...) or by the path of any .py file defining TASK.
     `options` are the task's own keyword arguments (run.py --task-option KEY=VALUE)."""
-    options = options or {}
+    return _build(task_class(name), task_id, seed, options or {})
+
+
+def task_class(name: str) -> type[Task]:
+    """The Task subclass `name` names (as load_task), without building a problem: its named sets, its checks."""
     if name.endswith(".py"):
         if not os.path.isfile(name):
             raise TaskError(f"task file '{name}' does not exist")
@@ -167,7 +171,7 @@ def load_task(name: str, task_id: str | None = None, seed: int = 0, options: dic
         spec.loader.exec_module(mod)
         if not hasattr(mod, "TASK"):
             raise TaskError(f"{name} defines no TASK (a subclass of tasks.Task)")
-        return _build(mod.TASK, task_id, seed, options)
+        return mod.TASK
     module = ALIASES.get(name, name)
     try:
         mod = importlib.import_module(f"tasks.{module}")
@@ -177,13 +181,13 @@ def load_task(name: str, task_id: str | None = None, seed: int = 0, options: dic
         mod = None
     if not hasattr(mod, "TASK"):  # no such module, or one that serves tasks (tasks.sandbox)
         raise TaskError(f"unknown task '{name}'; available: {', '.join(available())}, or a path to a .py file")
-    return _build(mod.TASK, task_id, seed, options)
+    return mod.TASK
 
 
 def problem_ids(name: str, spec: str) -> list[str]:
     """The problems `spec` names for task `name` (run.py --task-ids, experiments.py task:spec): one of the task's
     named sets ("paper") or ids separated by commas, each once, since two runs of one id would share a folder."""
-    named = type(load_task(name)).named_sets()
+    named = task_class(name).named_sets()
     ids = named[spec] if spec in named else [s.strip() for s in spec.split(",")]
     ids = list(dict.fromkeys(i for i in ids if i))
     if not ids:

@@ -20,7 +20,7 @@ SHARE_MIN = 128  # a common prefix shorter than this is not worth a separate att
 CDF_BLOCK = 256  # tokens per block of the two-level inverse-CDF search (sample)
 # Repack for a smaller batch only if (rows dropped) x (steps that may remain) reaches this. `bench.py repack`
 # on an Intel Xeon (2 threads), packed float32: a finished row riding along costs 1.4 ms a step for SmolLM2 and
-# 10.5 ms for Qwen2.5-1.5B (~4% of a small batch's step), a repack 0.1-0.5 s and 2.4-6.1 s, paid twice since
+# 10.5 ms for Qwen2.5-1.5B (~5% of a small batch's step), a repack 0.1-0.5 s and 2.4-6.1 s, paid twice since
 # the next call packs its full batch again: 400-640 row-steps, rounded up because the steps left are an upper
 # bound. Dropping 2 of 5 rows never repays it (it cost a coder-model molecule step 6-12 s); 12 of 16 for 90
 # steps does.

@@ -250,7 +250,7 @@ def bench_step(args):
     import os
     import subprocess
     import tempfile
-    model, _ = load_model(args.model or model_path(None))
+    model, _ = load_model(model_path(args.model))
     lim = limits(model, [1], "onednn" if torch.backends.mkldnn.is_available() else "mm")
     weights = read_weights(model)
     del model
@@ -263,11 +263,16 @@ def bench_step(args):
             with open(os.path.join(folder, "metrics.jsonl")) as f:
                 steps = [json.loads(line) for line in f][1:]  # the first step also chooses kernels
             with open(os.path.join(folder, "summary.json")) as f:
-                prompt = json.load(f)["prompt_tokens"]
+                summary = json.load(f)
+            prompt = summary["prompt_tokens"]
             with open(os.path.join(folder, "config.json")) as f:
                 cfg = json.load(f)
         steps = [m for m in steps if m.get("train_seconds", 0) > 0]
-        assert steps, f"no trained step in {args.budget} oracle calls: raise --budget"
+        if not steps:  # e.g. a random model: its guesses are never words, so no group ever has a reward to learn from
+            print(f"error: bench.py step: the run trained no step ({summary['steps']} steps, "
+                  f"{summary['oracle_calls']} of {args.budget} oracle calls, stopped on {summary['stop_reason']}); "
+                  "raise --budget, or use a model whose guesses are words", file=sys.stderr)
+            sys.exit(2)
         med = lambda key: round(statistics.median(m[key] for m in steps), 3)
         tokens = statistics.median(m["completion_tokens"] for m in steps)
         rows = statistics.median(sum(m["members"].values()) for m in steps)
@@ -281,7 +286,7 @@ def bench_step(args):
             "train_floor_s": round(train_flops / rate, 3),
             "sample_floor_s": round(2 * weights * prompt / rate + tokens / rows * weights * 4 / bandwidth, 3)}
     if "bfloat16" in args.dtypes:
-        out["bfloat16_kl_to_float32"] = dtype_kl(args.model or model_path(None), torch.bfloat16)
+        out["bfloat16_kl_to_float32"] = dtype_kl(model_path(args.model), torch.bfloat16)
     return out
 
 

@@ -152,3 +152,17 @@ def test_non_finite_rewards_never_reach_the_database_or_the_adapter(tmp_path):
             assert m[k] is None or math.isfinite(m[k]), (k, m)
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert math.isfinite(summary["best_reward"])
+
+
+# ---------------------------------------------------------------- bad input to the benchmarks
+
+
+def test_bench_step_on_a_model_that_trains_no_step_says_so_in_one_line():
+    """bench.py step resolves --model as run.py does (it used to pass 'tiny', or an embedded model's name, to the
+    loader as a folder). A random model's guesses are never words, so its run trains no step: the benchmark must say
+    that and exit 2, not fail on an assert. run.py's own progress lines come before it on stderr."""
+    r = subprocess.run([sys.executable, "bench.py", "step", "--model", "tiny", "--budget", "15", "--kl-coefs", "0"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, f"exit {r.returncode}:\n{r.stderr[-1500:]}"
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: bench.py step: the run trained no step") and "raise --budget" in last, last

@@ -250,7 +250,8 @@ def bench_step(args):
     import os
     import subprocess
     import tempfile
-    model, _ = load_model(model_path(args.model))
+    path = model_path(args.model)
+    model, _ = load_model(path)
     lim = limits(model, [1], "onednn" if torch.backends.mkldnn.is_available() else "mm")
     weights = read_weights(model)
     del model
@@ -286,7 +287,7 @@ def bench_step(args):
             "train_floor_s": round(train_flops / rate, 3),
             "sample_floor_s": round(2 * weights * prompt / rate + tokens / rows * weights * 4 / bandwidth, 3)}
     if "bfloat16" in args.dtypes:
-        out["bfloat16_kl_to_float32"] = dtype_kl(model_path(args.model), torch.bfloat16)
+        out["bfloat16_kl_to_float32"] = dtype_kl(path, torch.bfloat16)
     return out
 
 

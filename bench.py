@@ -260,7 +260,11 @@ def bench_step(args):
         with tempfile.TemporaryDirectory() as folder:
             cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "run.py"),
                    *step_argv(args.model, args.budget, kl, folder), "--dtype", dtype]
-            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+            done = subprocess.run(cmd, stdout=subprocess.DEVNULL)  # run.py's own one-line error reaches stderr
+            if done.returncode != 0:
+                print(f"error: bench.py step: the measured run.py exited with status {done.returncode} "
+                      "(its error is above)", file=sys.stderr)
+                sys.exit(done.returncode)
             with open(os.path.join(folder, "metrics.jsonl")) as f:
                 steps = [json.loads(line) for line in f][1:]  # the first step also chooses kernels
             with open(os.path.join(folder, "summary.json")) as f:

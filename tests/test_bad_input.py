@@ -166,3 +166,15 @@ def test_bench_step_on_a_model_that_trains_no_step_says_so_in_one_line():
     assert r.returncode == 2 and "Traceback" not in r.stderr, f"exit {r.returncode}:\n{r.stderr[-1500:]}"
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error: bench.py step: the run trained no step") and "raise --budget" in last, last
+
+
+def test_bench_step_whose_run_fails_passes_the_error_on_without_a_traceback():
+    """When the run.py that bench.py step launches fails (here on --budget 0), its one-line error is what the user
+    reads, followed by one line from the benchmark and run.py's exit status; it used to end in a
+    CalledProcessError traceback."""
+    r = subprocess.run([sys.executable, "bench.py", "step", "--model", "tiny", "--budget", "0", "--kl-coefs", "0"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, f"exit {r.returncode}:\n{r.stderr[-1500:]}"
+    lines = r.stderr.strip().splitlines()
+    assert lines[-2].startswith("error: ") and "--budget must be at least 1" in lines[-2], lines[-2:]
+    assert lines[-1] == "error: bench.py step: the measured run.py exited with status 2 (its error is above)", lines[-1]

@@ -313,7 +313,10 @@ def bench_repack(args):
     the step's cost per row, from the largest and smallest counts."""
     model, tok = load_model(model_path(args.model))
     sampler = Sampler(model, tok)
-    assert sampler.packed.available, "this model or machine decodes without packs: nothing to repack"
+    if not sampler.packed.available:  # e.g. `tiny`: its products are too narrow to gain from packs
+        print("error: bench.py repack: this model decodes without packed weights on this machine (too narrow, not "
+              "float32, or no room for the copy): nothing to repack", file=sys.stderr)
+        sys.exit(2)
     prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": PROMPT}]))
 
     def seconds(rows, new):
@@ -326,7 +329,7 @@ def bench_repack(args):
         packed = sampler.packed
         repack = []
         for _ in range(args.repeats):
-            packed.packs, packed.rows = {}, None
+            packed.release()
             t = time.perf_counter()
             packed.prepare(rows)
             repack.append(time.perf_counter() - t)

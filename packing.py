@@ -233,12 +233,17 @@ class PackedDecoder:
         chosen = {kind: min(seconds, key=lambda n: seconds[n][kind]) for kind in kinds}
         return {"chosen": chosen, "seconds": seconds, "rows": rows}
 
+    def release(self):
+        """Free the packs: the next prepare builds every one again (what a rebuild costs is what bench.py repack
+        times)."""
+        self.packs, self.rows = {}, None
+
     def prepare(self, rows) -> bool:
         """Packs for decoding `rows` rows, reusing the current ones. False (and no packs) when a weight is an
         inference tensor, which has no version counter to tell a stale pack by."""
         kernels = self._kernels_for(rows)
         old = self.packs if rows == self.rows else {}
-        self.packs, self.rows = {}, None  # packs for another row count are freed before new ones are built
+        self.release()  # packs for another row count are freed before new ones are built
         packs = {}
         for key, mods in self._groups():
             deps = [t for m in mods for t in _source(m)[2]]

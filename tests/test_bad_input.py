@@ -178,3 +178,14 @@ def test_bench_step_whose_run_fails_passes_the_error_on_without_a_traceback():
     lines = r.stderr.strip().splitlines()
     assert lines[-2].startswith("error: ") and "--budget must be at least 1" in lines[-2], lines[-2:]
     assert lines[-1] == "error: bench.py step: the measured run.py exited with status 2 (its error is above)", lines[-1]
+
+
+def test_bench_repack_on_a_model_without_packs_says_so_in_one_line():
+    """`tiny`'s products are narrower than packing.PACK_MIN, so its decoder never packs: bench.py repack has
+    nothing to time and must say so in one line (it used to end in an AssertionError traceback)."""
+    r = subprocess.run([sys.executable, "bench.py", "repack", "--model", "tiny", "--batches", "2", "1"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, f"exit {r.returncode}:\n{r.stderr[-1500:]}"
+    assert r.stderr.strip().splitlines() == [
+        "error: bench.py repack: this model decodes without packed weights on this machine (too narrow, not "
+        "float32, or no room for the copy): nothing to repack"], r.stderr

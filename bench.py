@@ -27,7 +27,7 @@ import torch
 
 from cpu_linear import cpu_info
 from default_model import model_path
-from model import load_model
+from model import ModelError, load_model
 from sampling import Sampler
 
 PROMPT = "Write a short story about a robot who learns to paint."  # 42 tokens once chat-templated (SmolLM2)
@@ -440,7 +440,11 @@ def main():
     if args.what == "grpo" and "--new-tokens" not in sys.argv:
         args.new_tokens = 64
     benches = {"sample": bench_sample, "grpo": bench_grpo, "step": bench_step, "repack": bench_repack, "gpu": bench_gpu}
-    result = benches[args.what](args)
+    try:
+        result = benches[args.what](args)
+    except ModelError as e:  # e.g. --model names no folder and no embedded model
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     print(json.dumps(result, indent=1))
 
 

@@ -98,9 +98,15 @@ def main():
     with tempfile.TemporaryDirectory() as folder:
         with timed(timers), contextlib.redirect_stdout(sys.stderr):
             rc = run.main(step_argv(args.model, args.budget, args.kl_coef, folder, args.task_id))
-        assert rc == 0, f"the profiled run failed (exit {rc})"
+    if rc != 0:  # run.py has printed its own one-line error
+        print(f"error: stepprofile.py: the profiled run.py exited with status {rc} (its error is above)",
+              file=sys.stderr)
+        sys.exit(rc)
     trained = [s for s in timers.steps[1:] if (s["metrics"] or {}).get("train_seconds", 0) > 0]
-    assert trained, f"no trained step after the first in {args.budget} oracle calls: raise --budget"
+    if not trained:
+        print(f"error: stepprofile.py: no trained step after the first in {args.budget} oracle calls; raise "
+              "--budget, or use a model whose guesses are words", file=sys.stderr)
+        sys.exit(2)
     labels = [label for label, _, _ in PARTS]
     med = {label: round(statistics.median(s["parts"].get(label, 0.0) for s in trained), 4) for label in labels}
     seconds = statistics.median(s["metrics"]["seconds"] for s in trained)

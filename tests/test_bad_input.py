@@ -189,3 +189,17 @@ def test_bench_repack_on_a_model_without_packs_says_so_in_one_line():
     assert r.stderr.strip().splitlines() == [
         "error: bench.py repack: this model decodes without packed weights on this machine (too narrow, not "
         "float32, or no room for the copy): nothing to repack"], r.stderr
+
+
+@pytest.mark.parametrize("argv", [["bench.py", "sample"], ["bench.py", "grpo"], ["bench.py", "step"],
+                                  ["bench.py", "repack"], ["stepprofile.py"]])
+def test_benchmarks_given_a_model_that_does_not_exist_say_so_in_one_line(argv):
+    """The benchmarks take --model as run.py does, and a wrong one gets run.py's one-line error and exit 2 (bench.py
+    used to end in a ModelError traceback, stepprofile.py in an AssertionError after run.py's line)."""
+    r = subprocess.run([sys.executable, *argv, "--model", "no-such-model"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, f"exit {r.returncode}:\n{r.stderr[-1500:]}"
+    lines = r.stderr.strip().splitlines()
+    assert lines[0] == "error: model folder 'no-such-model' does not exist; give a local Hugging Face folder with " \
+                       "--model", lines
+    assert len(lines) == 1 or lines[1].startswith("error: stepprofile.py: the profiled run.py exited with status 2"), lines

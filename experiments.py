@@ -107,12 +107,22 @@ def main():
         ap.error(f"--label names one variant of one method, not of {len(args.methods)} ({' '.join(args.methods)})")
     if args.threads is not None and args.threads < 1:
         ap.error(f"--threads must be at least 1, not {args.threads}")
+    if args.jobs < 1:
+        ap.error(f"--jobs must be at least 1, not {args.jobs}")
+    if args.budget is not None and args.budget < 1:  # 0 once meant "the preset's budget" without a word
+        ap.error(f"--budget must be at least 1, not {args.budget}")
+    if not args.report_only:  # in a report, --methods are labels (e.g. migrate-kl0.1), not only methods
+        from search import METHODS
+        unknown = [m for m in args.methods if m not in METHODS]
+        if unknown:  # caught here, not as one FAILED run per (problem, seed)
+            ap.error(f"unknown method {', '.join(map(repr, unknown))}; choose from {', '.join(METHODS)}")
     try:
         specs = [expand(spec) for spec in args.tasks]
     except TaskError as e:
         ap.error(str(e))
     extra = [a for a in args.extra if a != "--"]
     args.out = os.path.abspath(args.out)  # run.py runs in this folder, wherever the harness was started
+    failed = 0
     if not args.report_only:
         jobs = []
         for task, ids in specs:
@@ -121,7 +131,7 @@ def main():
                     for method in args.methods:
                         a = ["--task", task, "--method", method, "--seed", str(seed), *extra]
                         a += ["--task-id", tid] if tid else []
-                        a += ["--budget", str(args.budget)] if args.budget else []
+                        a += ["--budget", str(args.budget)] if args.budget is not None else []
                         a += ["--label", args.label] if args.label else []
                         jobs.append((run_dir(args.out, task, tid, method, seed, args.label), a))
         threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, min(args.jobs, len(jobs))))
@@ -131,8 +141,18 @@ def main():
         with ThreadPoolExecutor(args.jobs) as pool:
             for i, (folder, secs, rc) in enumerate(pool.map(launch, jobs), 1):
                 state = "ok" if rc == 0 else f"FAILED (exit {rc}, see {folder}.log)"
+                failed += rc != 0
                 print(f"[{i}/{len(jobs)}] {os.path.basename(folder)} {secs:.0f} s {state} "
                       f"({time.time() - t0:.0f} s so far)", file=sys.stderr, flush=True)
+    write_report(args, specs)
+    if not args.report_only and failed:  # the report covers the finished runs; a script must still see the failure
+        print(f"error: {failed} of {len(jobs)} runs failed (their .log files say why); the report covers the "
+              "finished ones, and the same command continues the rest", file=sys.stderr)
+        return 1
+    return 0
+
+
+def write_report(args, specs):
     if args.name is None:  # every run in the folder: a launch of one variant (--label) keeps the others in results.md
         print(report(args.out, args.methods, args.against))
         return
@@ -143,5 +163,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
 

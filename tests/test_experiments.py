@@ -229,3 +229,33 @@ def test_a_repeated_id_is_one_problem_and_a_named_set_is_its_list():
     from tasks.semantle import PAPER_TARGETS
     assert problem_ids("toy", " cat,dog ,cat,") == ["cat", "dog"], "two runs of one id would share a folder"
     assert problem_ids("semantle", "paper") == PAPER_TARGETS
+
+
+@pytest.mark.parametrize("flags, said", [
+    (["--budget", "0"], "--budget must be at least 1, not 0"),  # 0 used to run the preset's budget without a word
+    (["--jobs", "0"], "--jobs must be at least 1, not 0"),
+    (["--methods", "random", "nosuch"], "unknown method 'nosuch'; choose from migrate, migrate-opro, grpo"),
+])
+def test_a_bad_budget_job_count_or_method_is_refused_before_any_run(tmp_path, flags, said):
+    r = subprocess.run([sys.executable, "experiments.py", "--tasks", "toy", "--methods", "random", *flags,
+                        "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith(f"experiments.py: error: {said}"), r.stderr
+    assert not (tmp_path / "runs").exists(), "nothing launched"
+
+
+def test_a_failed_run_makes_the_harness_exit_non_zero_after_its_report(tmp_path):
+    """One run finishes and one fails (its run.py is given a model that does not exist): the report still covers the
+    finished run, and the exit status says that not everything ran (it was 0, so a script saw success)."""
+    ok = subprocess.run([sys.executable, "experiments.py", "--tasks", "toy:cat", "--methods", "random", "--seeds", "0",
+                         "--budget", "4", "--out", str(tmp_path), "--", "--model", "tiny"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    r = subprocess.run([sys.executable, "experiments.py", "--tasks", "toy:cat", "--methods", "random", "--seeds", "0",
+                        "1", "--budget", "4", "--out", str(tmp_path), "--", "--model", "no-such-model"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, (r.returncode, r.stderr[-2000:])
+    assert "toy-cat-random-s1 " in r.stderr and "FAILED (exit 2" in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == ("error: 1 of 2 runs failed (their .log files say why); the report "
+                                                 "covers the finished ones, and the same command continues the rest")
+    assert "| random | 1 |" in r.stdout, "the report covers the run that finished"

@@ -103,8 +103,9 @@ def experiments(*args):
     cmd = [sys.executable, "experiments.py", *args]
     print(" ".join(cmd), file=sys.stderr, flush=True)
     r = subprocess.run(cmd, cwd=HERE)
-    if r.returncode:
+    if r.returncode not in (0, 1):  # a usage error: every setting would meet it
         sys.exit(r.returncode)
+    return r.returncode  # 1: some runs failed, the report covers the rest; the sweep goes on to the other settings
 
 
 def main():
@@ -127,11 +128,18 @@ def main():
     common = ["--tasks", spec, "--seeds", *map(str, args.seeds), "--budget", str(budget), "--out", args.out]
     # The cpu preset runs at a constant learning rate: a run's length is its budget, not a planned step count.
     extra = ["--preset", "cpu", "--lr-schedule", "constant", *args.extra]
+    failed = 0
     for label, (method, flags) in grid.items():
         if args.only is None or label in args.only:
-            experiments(*common, "--methods", method, "--label", label + args.label_suffix, "--", *extra, *flags)
+            failed += experiments(*common, "--methods", method, "--label", label + args.label_suffix, "--", *extra,
+                                  *flags)
     experiments(*common, "--methods", *grid, "--report-only", "--against", "random", "random-w1", "ns")
     write_table(args.out)
+    if failed:
+        print(f"error: runs failed in {failed} setting(s) (experiments.py said which above); the table covers the "
+              "finished runs, and the same command continues the rest", file=sys.stderr)
+        return 1
+    return 0
 
 
 def write_table(out):
@@ -142,4 +150,4 @@ def write_table(out):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

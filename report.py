@@ -167,7 +167,11 @@ def paired_rows(rs, labels, against, metrics):
                 ci = paired_ci([(fn(by[lab][k]), fn(by[ref][k])) for k in common], groups=[k[0] for k in common])
                 sign = " *" if excludes_zero(ci) else ""
                 cells.append(fmt(ci, digits) + sign)
-            lines.append(f"| {lab} − {ref} | {len(common)} | " + " | ".join(cells) + " |")
+            # with two or three problems the interval is wide or absent (problems are resampled): the count of pairs
+            # each way says how consistent the difference is, a sign test's input
+            diffs = [metrics[0][1](by[lab][k]) - metrics[0][1](by[ref][k]) for k in common]
+            signs = f"{sum(d > 0 for d in diffs)} / {sum(d == 0 for d in diffs)} / {sum(d < 0 for d in diffs)}"
+            lines.append(f"| {lab} − {ref} | {len(common)} | " + " | ".join(cells) + f" | {signs} |")
     return lines
 
 
@@ -280,8 +284,8 @@ def report(out, order=None, against=("random", "grpo"), labels=None, problems=No
         if paired:
             lines += ["", "Paired differences on the same (problem, seed), mean [95% paired bootstrap CI]; * where "
                       "the interval excludes 0:", "",
-                      "| difference | pairs | " + " | ".join(m for m, _, _ in metrics) + " |",
-                      "|---|---|" + "---|" * len(metrics), *paired]
+                      "| difference | pairs | " + " | ".join(m for m, _, _ in metrics) + f" | {metrics[0][0]}: pairs "
+                      "higher / equal / lower |", "|---|---|" + "---|" * (len(metrics) + 1), *paired]
         lines += ["", *by_problem(rs, shown, task_ids, run_seeds), "", *every_run(rs, shown, task_ids)]
         if task == "arc":
             lines += ["", "| method | pass@2 (mean over runs) | best train reward | share of programs that run |",

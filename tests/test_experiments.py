@@ -111,6 +111,9 @@ def test_paired_differences_and_a_report_from_what_git_keeps(done, tmp_path):
     rand = {key(v): v["best_reward"] for v in s if v["method"] == "random"}
     want = sum(grpo[k] - rand[k] for k in grpo) / 4
     assert abs(float(cells[2].split()[0]) - want) < 1e-3, (cells, want)
+    counts = [sum(grpo[k] > rand[k] for k in grpo), sum(grpo[k] == rand[k] for k in grpo),
+              sum(grpo[k] < rand[k] for k in grpo)]
+    assert cells[-1] == " / ".join(map(str, counts)), (cells, counts)
     assert (out / "toy-learning.png").stat().st_size > 1000
     # What results/experiments/ keeps in git (config, summary, metrics) rebuilds the same tables.
     kept = tmp_path / "kept"

@@ -25,7 +25,7 @@ import zipfile
 from dataclasses import dataclass
 
 from cpu_linear import cache_dir  # its one home: model.py imports cpu_linear, which keeps kernel choices there
-from gguf_convert import convert_gguf, unpermute_rope_rows  # noqa: F401  (unpermute: tests import it here)
+from gguf_convert import convert_gguf
 from model import ModelError
 
 

@@ -81,7 +81,7 @@ def test_adapter_roundtrip_and_merge(tiny, tmp_path):
 
 def test_adapter_loads_in_peft_with_the_same_logits(tmp_path):
     peft = pytest.importorskip("peft")
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")  # hf_tiny_folder builds the reference model with it
     from test_all import hf_tiny_folder
     folder, hf = hf_tiny_folder(tmp_path, "llama")
     model, _ = load_model(folder)

@@ -306,6 +306,12 @@ def report(out, order=None, against=("random", "grpo"), labels=None, problems=No
     return text
 
 
+def line_style(k):
+    """The look of the k-th label in every plot: matplotlib's ten colours (C0..C9 wrap around), then the same ten
+    dashed, then dotted, so a grid of more than ten methods never draws two alike."""
+    return {"color": f"C{k % 10}", "linestyle": ("-", "--", ":")[k // 10 % 3]}
+
+
 def plot_task(out, task, runs, labels, budget):
     """<out>/<task>.png: best reward so far against oracle calls, per label the mean over runs and its 95% band."""
     import matplotlib
@@ -313,7 +319,7 @@ def plot_task(out, task, runs, labels, budget):
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     xs = list(range(1, budget + 1))
-    for k, lab in enumerate(labels):  # a method keeps its colour in every plot: C<k>, k its place in `labels`
+    for k, lab in enumerate(labels):  # a method keeps its look in every plot: k is its place in `labels`
         curves, problems = [], []
         for r in (r for r in runs if r["label"] == lab):
             problems.append(r["task_id"])
@@ -324,8 +330,8 @@ def plot_task(out, task, runs, labels, budget):
             curves.append(ys)
         mean = [sum(col) / len(col) for col in zip(*curves)]
         cis = [bootstrap_ci(list(col), n=400, groups=problems) for col in zip(*curves)]
-        ax.plot(xs, mean, label=f"{lab} ({len(curves)})", color=f"C{k}")
-        ax.fill_between(xs, [c[1] for c in cis], [c[2] for c in cis], alpha=0.15, color=f"C{k}")
+        ax.plot(xs, mean, label=f"{lab} ({len(curves)})", **line_style(k))
+        ax.fill_between(xs, [c[1] for c in cis], [c[2] for c in cis], alpha=0.15, color=line_style(k)["color"])
     ax.set_xlabel("oracle calls")
     ax.set_ylabel("best reward so far (mean over runs)")
     ax.set_title(f"{task}")
@@ -355,9 +361,9 @@ def plot_learning(out, task, runs, labels):
             pts = [(i + 1, bootstrap_ci([v for _, v in c], n=400, groups=[p for p, _ in c]))
                    for i, c in enumerate(cols) if len(c) >= max(1, len(series) // 2)]
             if pts:
-                axis.plot([x for x, _ in pts], [c[0] for _, c in pts], label=lab, color=f"C{k}")
+                axis.plot([x for x, _ in pts], [c[0] for _, c in pts], label=lab, **line_style(k))
                 axis.fill_between([x for x, _ in pts], [c[1] for _, c in pts], [c[2] for _, c in pts], alpha=0.15,
-                                  color=f"C{k}")
+                                  color=line_style(k)["color"])
     ax.set(xlabel="step", ylabel="policy's sampled mean reward (mean over runs)", title=f"{task}: what the policy samples")
     ax2.set(xlabel="step", ylabel="KL(policy || base) per token", title=f"{task}: how far training moved it")
     for a in (ax, ax2):

@@ -262,3 +262,10 @@ def test_a_failed_run_makes_the_harness_exit_non_zero_after_its_report(tmp_path)
     assert r.stderr.strip().splitlines()[-1] == ("error: 1 of 2 runs failed (their .log files say why); the report "
                                                  "covers the finished ones, and the same command continues the rest")
     assert "| random | 1 |" in r.stdout, "the report covers the run that finished"
+
+
+def test_plots_draw_no_two_methods_alike_past_ten():
+    # the Semantle grid has eleven methods: with colour alone (C0..C9 wrap) the eleventh looked like the first
+    from report import line_style
+    looks = [tuple(sorted(line_style(k).items())) for k in range(30)]
+    assert len(set(looks)) == 30, "two of the first 30 labels share colour and line style"

@@ -330,8 +330,9 @@ def plot_task(out, task, runs, labels, budget):
             curves.append(ys)
         mean = [sum(col) / len(col) for col in zip(*curves)]
         cis = [bootstrap_ci(list(col), n=400, groups=problems) for col in zip(*curves)]
-        ax.plot(xs, mean, label=f"{lab} ({len(curves)})", **line_style(k))
-        ax.fill_between(xs, [c[1] for c in cis], [c[2] for c in cis], alpha=0.15, color=line_style(k)["color"])
+        style = line_style(k)
+        ax.plot(xs, mean, label=f"{lab} ({len(curves)})", **style)
+        ax.fill_between(xs, [c[1] for c in cis], [c[2] for c in cis], alpha=0.15, color=style["color"])
     ax.set_xlabel("oracle calls")
     ax.set_ylabel("best reward so far (mean over runs)")
     ax.set_title(f"{task}")
@@ -350,6 +351,7 @@ def plot_learning(out, task, runs, labels):
     import matplotlib.pyplot as plt
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for k, lab in enumerate(labels):
+        style = line_style(k)
         for axis, value in ((ax, policy_reward), (ax2, lambda m: m.get("kl"))):
             mine = [r for r in runs if r["label"] == lab]
             series = [[value(m) for m in r["metrics"]] for r in mine]
@@ -361,9 +363,9 @@ def plot_learning(out, task, runs, labels):
             pts = [(i + 1, bootstrap_ci([v for _, v in c], n=400, groups=[p for p, _ in c]))
                    for i, c in enumerate(cols) if len(c) >= max(1, len(series) // 2)]
             if pts:
-                axis.plot([x for x, _ in pts], [c[0] for _, c in pts], label=lab, **line_style(k))
+                axis.plot([x for x, _ in pts], [c[0] for _, c in pts], label=lab, **style)
                 axis.fill_between([x for x, _ in pts], [c[1] for _, c in pts], [c[2] for _, c in pts], alpha=0.15,
-                                  color=line_style(k)["color"])
+                                  color=style["color"])
     ax.set(xlabel="step", ylabel="policy's sampled mean reward (mean over runs)", title=f"{task}: what the policy samples")
     ax2.set(xlabel="step", ylabel="KL(policy || base) per token", title=f"{task}: how far training moved it")
     for a in (ax, ax2):

@@ -2,10 +2,12 @@
 
   python bench.py sample   # tokens/s of our sampler (float32, and int8 weights) vs transformers' generate,
                            # batch 1/8/16, beside this machine's bandwidth and product-rate limits
-  python bench.py grpo     # seconds per GRPO iteration vs TRL's GRPOTrainer (sampling on float32, and on int8)
+  python bench.py grpo     # seconds per GRPO iteration vs TRL's GRPOTrainer (sampling on float32, and on int8;
+                           # --learner-dtypes float32 bfloat16: also the opt-in bfloat16 learner)
   python bench.py step     # a Semantle step of run.py (MiGrATe, cpu preset): seconds sampling and training,
                            # beside the floor this machine's bandwidth and product rate put under each
-                           # (--dtypes float32 bfloat16: also the opt-in bfloat16 model, and its KL to float32)
+                           # (--dtypes float32 bfloat16: also the opt-in bfloat16 model, and its KL to float32;
+                           # --learner-dtypes float32 bfloat16: also the opt-in bfloat16 learner)
   python bench.py repack   # what the sampler's REPACK_ROW_STEPS weighs: seconds to rebuild the packed weights
                            # for a batch, and a packed decode step's milliseconds, per row count (no peer)
   python bench.py gpu      # CUDA, bf16, random weights of real shapes: decode vs transformers, roofline,
@@ -24,6 +26,7 @@ import time
 from dataclasses import replace
 
 import torch
+import torch.nn.functional as F
 
 from cpu_linear import cpu_info
 from default_model import model_path
@@ -66,8 +69,14 @@ def limits(model, batches, kernel):
     for _ in range(3):
         k.mm(xb, packed, 1024)
     flops = 3 * 2 * 1024 * w.numel() / (time.perf_counter() - t)
+    xh, wh = xb.bfloat16(), w.bfloat16()  # the learner's opt-in product (GRPOConfig.learner_dtype)
+    F.linear(xh, wh)
+    t = time.perf_counter()
+    for _ in range(3):
+        F.linear(xh, wh)
+    bf16_flops = 3 * 2 * 1024 * w.numel() / (time.perf_counter() - t)
     out = {"read_GB_s": round(bandwidth / 1e9, 1), "float32_GFLOP_s": round(flops / 1e9, 1),
-           "weights_GB_float32": round(params * 4 / 1e9, 3)}
+           "bfloat16_GFLOP_s": round(bf16_flops / 1e9, 1), "weights_GB_float32": round(params * 4 / 1e9, 3)}
     for b in batches:
         out[f"batch_{b}_limit_tok_s"] = {"float32": round(min(bandwidth / (params * 4) * b, flops / (2 * params)), 1),
                                          "int8_bandwidth": round(bandwidth / params * b, 1)}
@@ -155,18 +164,21 @@ def bench_grpo(args):
     G, new = args.group, args.new_tokens
     model, tok = load_model(path)
     inject_lora(model, r=16, alpha=32, targets=("q_proj", "v_proj"))
-    learner = Learner(model, GRPOConfig(lr=1e-5, mu=1))
     prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": GRPO_PROMPT}]))
     ours = {}
-    for weights in args.weights:  # the sampler's weight copies; the learner is float32 either way
-        sampler, ours[weights] = Sampler(model, tok, weights=weights), []
+    # the sampler's weight copies with the float32 learner, then each other learner dtype with float32 sampling
+    settings = [(w, "float32") for w in args.weights] + [("float32", d) for d in args.learner_dtypes if d != "float32"]
+    for weights, learner_dtype in settings:
+        key = weights + ("" if learner_dtype == "float32" else f"_learner_{learner_dtype}")
+        learner = Learner(model, GRPOConfig(lr=1e-5, mu=1, learner_dtype=learner_dtype))
+        sampler, ours[key] = Sampler(model, tok, weights=weights), []
         for it in range(args.iterations + 1):  # the first is warm-up
             t = time.perf_counter()
             outs = sampler.generate([prompt], n=G, max_new_tokens=new, stop_ids=(),
                                     generator=torch.Generator().manual_seed(it))
             learner.step(prompt, [replace(o, reward=toy_reward(o.text)) for o in outs])
             if it:
-                ours[weights].append(time.perf_counter() - t)
+                ours[key].append(time.perf_counter() - t)
     trl_times = bench_trl(path, G, new, args.iterations)
     h = min(trl_times)
     out = {"benchmark": "grpo_iteration", "model": path.rsplit("/", 1)[-1], "group": G, "prompt_tokens": len(prompt),
@@ -256,10 +268,12 @@ def bench_step(args):
     weights = read_weights(model)
     del model
     out = {"machine": machine(), "limits": lim}
-    for kl, dtype in ((kl, dtype) for dtype in args.dtypes for kl in args.kl_coefs):
+    runs = [(kl, dtype, "float32") for dtype in args.dtypes for kl in args.kl_coefs]
+    runs += [(kl, "float32", d) for d in args.learner_dtypes if d != "float32" for kl in args.kl_coefs]
+    for kl, dtype, learner_dtype in runs:
         with tempfile.TemporaryDirectory() as folder:
             cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "run.py"),
-                   *step_argv(args.model, args.budget, kl, folder), "--dtype", dtype]
+                   *step_argv(args.model, args.budget, kl, folder), "--dtype", dtype, "--learner-dtype", learner_dtype]
             done = subprocess.run(cmd, stdout=subprocess.DEVNULL)  # run.py's own one-line error reaches stderr
             if done.returncode != 0:
                 print(f"error: bench.py step: the measured run.py exited with status {done.returncode} "
@@ -284,11 +298,13 @@ def bench_step(args):
         forwards = 2 * cfg["mu"] + (1 if kl > 0 else 0)
         train_flops = forwards * 2 * weights * (prompt + tokens)
         rate, bandwidth = lim["float32_GFLOP_s"] * 1e9, lim["read_GB_s"] * 1e9
-        out[f"kl_{kl}" + ("" if dtype == "float32" else f"_{dtype}")] = {
-            "dtype": dtype, "steps": len(steps), "seconds": med("seconds"), "sample_seconds": med("sample_seconds"),
+        train_rate = rate if learner_dtype == "float32" else lim["bfloat16_GFLOP_s"] * 1e9
+        out[f"kl_{kl}" + ("" if dtype == "float32" else f"_{dtype}")
+            + ("" if learner_dtype == "float32" else f"_learner_{learner_dtype}")] = {
+            "dtype": dtype, "learner_dtype": learner_dtype, "steps": len(steps), "seconds": med("seconds"), "sample_seconds": med("sample_seconds"),
             "train_seconds": med("train_seconds"), "prompt_tokens": prompt, "completion_tokens": tokens,
             "rows": rows, "train_GFLOP": round(train_flops / 1e9, 1),
-            "train_floor_s": round(train_flops / rate, 3),
+            "train_floor_s": round(train_flops / train_rate, 3),
             "sample_floor_s": round(2 * weights * prompt / rate + tokens / rows * weights * 4 / bandwidth, 3)}
     if "bfloat16" in args.dtypes:
         out["bfloat16_kl_to_float32"] = dtype_kl(path, torch.bfloat16)
@@ -433,6 +449,9 @@ def main():
     ap.add_argument("--kl-coefs", type=float, nargs="+", default=[0.0, 0.1], help="KL coefficients to run (step)")
     ap.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
                     help="step: run.py --dtype of each run (bfloat16: opt-in, changes numerics; its KL to float32 is printed)")
+    ap.add_argument("--learner-dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
+                    help="grpo, step: also time the learner multiplying the frozen weights in this dtype "
+                         "(run.py --learner-dtype; opt-in, changes numerics), with float32 sampling")
     args = ap.parse_args()
     if args.what == "gpu" and not torch.cuda.is_available():
         print("error: bench.py gpu needs a CUDA GPU; none is visible to PyTorch here", file=sys.stderr)

@@ -12,6 +12,7 @@ route rounds float32 sums its own way. A seeded run's samples then depended on w
 resumed after a kill changed kernels halfway. The choice is kept in $MIGRATE_CACHE/kernels.json, per CPU, torch
 version and thread count; delete the file to measure again.
 """
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -24,10 +25,30 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+_PRODUCT_DTYPE = [torch.float32]  # what `linear` multiplies frozen float32 weights in (see `frozen_products`)
+
+
+@contextlib.contextmanager
+def frozen_products(dtype):
+    """Within it, `linear` multiplies a frozen float32 weight (requires_grad False: the base model under LoRA)
+    in `dtype`, forward and input gradient, from a copy of the weight kept in that dtype; the activations are
+    rounded to `dtype` for the product only, and sums, outputs and gradients stay float32. For the learner
+    (GRPOConfig.learner_dtype): a CPU with bfloat16 instructions multiplies at 2-2.4x its float32 rate. Trained
+    weights (the adapters) always multiply in float32."""
+    saved, _PRODUCT_DTYPE[0] = _PRODUCT_DTYPE[0], dtype
+    try:
+        yield
+    finally:
+        _PRODUCT_DTYPE[0] = saved
+
+
 def linear(x, weight, bias=None):
     """F.linear; on a CPU in float32, through whichever library multiplies fastest on this machine (chosen by
     measurement, see cpu_products): MKL's sgemm behind F.linear, the same with W @ x^T (few rows), or oneDNN's.
-    The result is the same product up to float32 rounding."""
+    The result is the same product up to float32 rounding (within `frozen_products`, up to its dtype's)."""
+    if (_PRODUCT_DTYPE[0] is not torch.float32 and x.dtype == weight.dtype == torch.float32
+            and not weight.requires_grad and x.numel() > 0):
+        return _LowPrecisionLinear.apply(x, low_precision_copy(weight, _PRODUCT_DTYPE[0]), bias)
     if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 or x.numel() == 0
             or torch.compiler.is_compiling()):  # a compiled step is the compiler's to lower
         return F.linear(x, weight, bias)
@@ -74,6 +95,38 @@ class _OneDNNLinear(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = grad.reshape(-1, grad.shape[-1]).sum(0)
         return gx, gw, gb
+
+
+def low_precision_copy(weight, dtype):
+    """`weight` in `dtype`, converted once and kept on the tensor until the weight changes (its version
+    counter: merge_lora writes into it)."""
+    kept = getattr(weight, "_low_precision", None)
+    if kept is None or kept[0] != weight._version or kept[1].dtype != dtype:
+        kept = (weight._version, weight.detach().to(dtype))
+        weight._low_precision = kept
+    return kept[1]
+
+
+class _LowPrecisionLinear(torch.autograd.Function):
+    """x @ W^T with x rounded to W_low's dtype, W_low a frozen weight's low-precision copy; output float32.
+    The input gradient is the same product with W_low read transposed. No weight gradient: W is frozen."""
+
+    @staticmethod
+    def forward(ctx, x, w_low, bias):
+        ctx.save_for_backward(w_low)
+        ctx.has_bias = bias is not None
+        y = F.linear(x.to(w_low.dtype), w_low).float()
+        return y if bias is None else y + bias  # the bias added in float32
+
+    @staticmethod
+    def backward(ctx, grad):
+        (w_low,) = ctx.saved_tensors
+        gx = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = F.linear(grad.to(w_low.dtype), w_low.t()).float()  # (..., in)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return gx, None, gb
 
 
 def cpu_info() -> dict:

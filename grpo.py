@@ -23,6 +23,7 @@ from functools import partial
 
 import torch
 
+from cpu_linear import frozen_products
 from lora import lora_disabled, lora_parameters
 from sampling import Rollout
 from shared_prompt import completion_logprobs, pad
@@ -30,6 +31,7 @@ from tasks import Preset
 
 SOURCES = ("on-policy", "greedy", "neighbour")  # a member's role in its group (database.SOURCES: where a
 #                                               candidate came from)
+LEARNER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # GRPOConfig.learner_dtype
 
 
 @dataclass
@@ -51,6 +53,13 @@ class GRPOConfig:
     planned_steps: int = 0  # optimiser steps the linear schedule spans (groups x mu)
     tokens_per_microbatch: int = 4096  # completion tokens per forward/backward chunk (memory, not maths)
     activation_checkpointing: bool = False
+    # "bfloat16": the frozen base weights multiply in bfloat16 in the learner (cpu_linear.frozen_products; adapters,
+    # sums and gradients stay float32). Faster where the CPU has bfloat16 instructions; changes the numbers (README).
+    learner_dtype: str = "float32"
+
+    def __post_init__(self):
+        assert self.learner_dtype in LEARNER_DTYPES, \
+            f"learner_dtype {self.learner_dtype!r}: choose from {', '.join(LEARNER_DTYPES)}"
 
 
 # ---------------------------------------------------------------- the group
@@ -186,9 +195,11 @@ class Learner:
 
     def logprobs(self, prompt_ids, ids, lengths, loss_fn=None, per_row=None, head=None):
         """(N, T) log-probs of the completions ids (N, T) under the task prompt, and with a loss_fn its value after
-        its backward (shared_prompt.py: the prompt computed once for the group, micro-batches of similar length)."""
-        return completion_logprobs(self.model, prompt_ids, ids, lengths, loss_fn, per_row, head,
-                                   self.cfg.tokens_per_microbatch, self.cfg.activation_checkpointing)
+        its backward (shared_prompt.py: the prompt computed once for the group, micro-batches of similar length).
+        The frozen weights multiply in cfg.learner_dtype, here and so in everything the learner computes."""
+        with frozen_products(LEARNER_DTYPES[self.cfg.learner_dtype]):
+            return completion_logprobs(self.model, prompt_ids, ids, lengths, loss_fn, per_row, head,
+                                       self.cfg.tokens_per_microbatch, self.cfg.activation_checkpointing)
 
     def _behaviour_logprobs(self, rows, T, dev):
         """(N, T) sampler log-probs of NS members under their NS prompt, and which rows are NS; or Nones."""

@@ -137,6 +137,33 @@ def test_every_cpu_product_path_equals_linear(monkeypatch, way):
         assert (ours - ref).abs().max() <= 1e-5 * ref.abs().max(), (ours - ref).abs().max()
 
 
+def test_frozen_products_in_bfloat16():
+    # The learner's opt-in bfloat16 route (cpu_linear.frozen_products): a frozen weight's product and input
+    # gradient are bfloat16's rounding away from float32's, never float32's exactly (the route is taken); a
+    # trained weight multiplies in float32 as outside; the kept copy follows an in-place change of the weight.
+    import cpu_linear as M
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(1536, 576, generator=g), torch.randn(1536, generator=g)
+    x = torch.randn(2, 40, 576, generator=g, requires_grad=True)
+    ref = torch.nn.functional.linear(x, w, b)
+    (ref_gx,) = torch.autograd.grad((ref ** 2).sum(), x)
+    with M.frozen_products(torch.bfloat16):
+        out = linear(x, w, b)
+        (gx,) = torch.autograd.grad((out ** 2).sum(), x)
+        trained = linear(x, w.clone().requires_grad_(), b)
+        w2 = w.clone()
+        first = linear(x, w2, b)
+        w2.mul_(2)
+        doubled = linear(x, w2, b)
+    assert out.dtype == gx.dtype == torch.float32
+    for ours, theirs in ((out, ref), (gx, ref_gx)):
+        err = ((ours - theirs).norm() / theirs.norm()).item()
+        assert 1e-4 < err < 1e-2, f"relative error {err:.2e}: bfloat16 rounds to ~4e-3, float32 to ~1e-7"
+    assert torch.allclose(trained, linear(x, w, b), rtol=1e-5, atol=1e-4) and not torch.equal(trained, out)
+    assert torch.allclose(doubled - b, 2 * (first - b), rtol=1e-2, atol=1e-2), "the copy was not refreshed"
+    assert torch.equal(linear(x, w, b), linear(x, w, b)) and torch.allclose(linear(x, w, b), ref, rtol=1e-5, atol=1e-4)
+
+
 def test_smollm2_answers_paris(smol):
     _, model, tok = smol
     out = Sampler(model, tok).generate([chat(tok, "What is the capital of France?")], max_new_tokens=30,

@@ -181,6 +181,27 @@ def test_shared_prompt_gradient_equals_per_member_gradient(tiny):
             assert torch.allclose(ours.grad, ref.grad, atol=1e-7)
 
 
+def test_bfloat16_learner_follows_the_float32_gradient(tiny):
+    # GRPOConfig.learner_dtype "bfloat16" multiplies the frozen weights in bfloat16: the adapters' gradient is
+    # float32's up to rounding (same direction), not float32's exactly, and the base and adapters stay float32.
+    model, tok = tiny
+    inject_lora(model, r=4, alpha=8)
+    randomise_lora(model)
+    prompt, group = tok.encode("a prompt of some length"), members(tok, [0.2, 0.9, 0.5, 0.1])
+    grads = {}
+    for dtype in ("float32", "bfloat16"):
+        learner = Learner(copy.deepcopy(model), GRPOConfig(mu=1, learner_dtype=dtype, max_grad_norm=1e9))
+        learner.opt.step = lambda: None  # compare gradients, not updates
+        assert learner.step(prompt, group)["skipped"] is None
+        grads[dtype] = torch.cat([p.grad.flatten() for p in learner.params])
+        assert all(p.dtype == torch.float32 for p in learner.model.parameters())
+    a, b = grads["float32"], grads["bfloat16"]
+    assert not torch.equal(a, b), "the bfloat16 route was not taken"
+    assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.99 and 0.9 < b.norm() / a.norm() < 1.1
+    with pytest.raises(AssertionError, match="learner_dtype 'float16'"):
+        GRPOConfig(learner_dtype="float16")
+
+
 def test_zero_reward_members_leave_the_loss_and_zero_spread_skips(tiny):
     model, tok = tiny
     inject_lora(model, r=4, alpha=8)
@@ -289,6 +310,7 @@ def test_bfloat16_run_on_cpu(tmp_path):
     (["--task", "toy", "--model", "tiny", "--device", "cuda"], "no CUDA GPU"),
     (["--resume", "/tmp"], "not a run folder"),
     (["--task", "toy", "--method", "sgd"], "unknown method 'sgd'"),
+    (["--task", "toy", "--dtype", "bfloat16", "--learner-dtype", "bfloat16"], "needs float32 weights"),
 ])
 def test_bad_input_gets_one_line_and_exit_2(tmp_path, args, says):
     if "--device" in args and torch.cuda.is_available():

@@ -93,7 +93,7 @@ def bench_sample(args):
     samplers = {w: Sampler(model, tok, weights=w) for w in args.weights}
     rows = []
     for batch in args.batches or [1, 8, 16]:
-        ours, theirs, kl = {w: [] for w in samplers}, [], None
+        ours, theirs, kl = {w: [] for w in samplers}, [], {}
         for rep in range(args.repeats):
             for w, sampler in samplers.items():
                 g = torch.Generator().manual_seed(rep)
@@ -101,8 +101,8 @@ def bench_sample(args):
                 out = sampler.generate([prompt], n=batch, max_new_tokens=args.new_tokens, temperature=1.0,
                                        stop_ids=(), generator=g)  # never stop early: every row makes N tokens
                 ours[w].append(sum(len(c.ids) for c in out) / (time.perf_counter() - t))
-                if w == "int8" and rep == 0:
-                    kl = kl_to_float32(model, out)
+                if w != "float32" and rep == 0:
+                    kl[w] = kl_to_float32(model, out)
             ids = torch.tensor([prompt] * batch)
             torch.manual_seed(rep)
             t = time.perf_counter()
@@ -116,8 +116,8 @@ def bench_sample(args):
         for w in samplers:
             row[f"ours_{w}_tok_s"] = round(max(ours[w]), 1)
             row[f"ratio_{w}"] = round(max(ours[w]) / h, 2)
-        if kl is not None:
-            row["int8_kl_per_token"] = kl
+        for w, k in kl.items():
+            row[f"{w}_kl_per_token"] = k
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
     kernels = {w: {"kernel": s.packed.kernel, "timed": {str(k): v for k, v in s.packed.choice.items()}}
@@ -132,14 +132,14 @@ def bench_sample(args):
 
 @torch.no_grad()
 def kl_to_float32(model, outs):
-    """KL(sampling policy || float32 policy) per token, estimated on the sampler's own samples (int8 weights, or
-    a bfloat16 model: dtype_kl): the mean of log p_q(y) - log p_float32(y) (k1) and of the always-positive k3,
+    """KL(sampling policy || float32 policy) per token, estimated on the sampler's own samples (int8 or bfloat16
+    weight copies, or a bfloat16 model: dtype_kl): the mean of log p_q(y) - log p_float32(y) (k1) and of the always-positive k3,
     with `model`, the float32 model, giving log p_float32."""
     k1, k3, n = 0.0, 0.0, 0
     for o in outs:
         x = torch.tensor([o.prompt_ids + o.ids])
         lp = torch.log_softmax(model(x)[0, len(o.prompt_ids) - 1:-1].float(), -1)
-        d = torch.tensor(o.logprobs) - lp.gather(-1, torch.tensor(o.ids)[:, None])[:, 0]  # log p8 - log p32
+        d = torch.tensor(o.logprobs) - lp.gather(-1, torch.tensor(o.ids)[:, None])[:, 0]  # log p_q - log p32
         k1, k3, n = k1 + float(d.sum()), k3 + float((torch.exp(-d) + d - 1).sum()), n + len(o.ids)
     return {"k1": round(k1 / n, 5), "k3": round(k3 / n, 5)}
 
@@ -441,8 +441,9 @@ def main():
                     help="batch sizes (sample: 1 8 16; repack: 16 8 4 2 1; gpu: 1 16 64)")
     ap.add_argument("--new-tokens", type=int, default=128, help="tokens generated per row (sample)")
     ap.add_argument("--repeats", type=int, default=2, help="runs per setting; the best is reported")
-    ap.add_argument("--weights", nargs="+", default=["float32", "int8"], choices=["float32", "int8"],
-                    help="sample, grpo: our decoder's weight copies (float32: exact; int8: opt-in, changes numerics)")
+    ap.add_argument("--weights", nargs="+", default=["float32", "int8"], choices=["float32", "bfloat16", "int8"],
+                    help="sample, grpo: our decoder's weight copies (float32: exact; bfloat16, int8: opt-in, change "
+                         "numerics; their KL to float32 is printed)")
     ap.add_argument("--group", type=int, default=8, help="completions per group (grpo)")
     ap.add_argument("--iterations", type=int, default=3, help="timed iterations after one warm-up (grpo)")
     ap.add_argument("--budget", type=int, default=80, help="oracle calls of the measured run (step): 20 warm start")

@@ -56,9 +56,10 @@ def parser():
                         "download, 7 GB converted; writes programs)")
     g.add_argument("--device", default="cpu", help="cpu or cuda")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and activations")
-    g.add_argument("--sample-weights", default="float32", choices=["float32", "int8"],
-                   help="the CPU decoder's weight copies: float32 (the policy itself) or int8 (about 2-3x faster, "
-                        "but a slightly different policy: 0.07-0.25 nats/token KL for SmolLM2, see README)")
+    g.add_argument("--sample-weights", default="float32", choices=["float32", "bfloat16", "int8"],
+                   help="the CPU decoder's weight copies: float32 (the policy itself), bfloat16 or int8 (faster, "
+                        "but a slightly different policy: int8 0.07-0.25 nats/token KL for SmolLM2, bfloat16 far "
+                        "less; see README)")
     g.add_argument("--compile", action="store_true",
                    help="compile the one-token decode step over a fixed-shape cache (CUDA graphs on a GPU)")
     g = p.add_argument_group("learner (GRPO on LoRA adapters)")

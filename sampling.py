@@ -218,7 +218,7 @@ class Sampler:
         self.model, self.tok = model, tokenizer
         self.cache = None
         self.static = compile
-        self.packed = PackedDecoder(model, weights)  # weights="int8": decode on int8 copies (packing.py)
+        self.packed = PackedDecoder(model, weights)  # "int8", "bfloat16": decode on such copies (packing.py)
         self._step = None
         if compile:
             mode = "reduce-overhead" if model.lm_head.weight.device.type == "cuda" else "default"

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from cpu_linear import cpu_info
 from default_model import model_path
 from model import ModelError, load_model
+from packing import KERNELS
 from sampling import Sampler
 
 PROMPT = "Write a short story about a robot who learns to paint."  # 42 tokens once chat-templated (SmolLM2)
@@ -53,7 +54,6 @@ def limits(model, batches, kernel):
     """This machine's own limits for decoding this model, measured here: read bandwidth (a 1 GB sum) and the
     best float32 product rate (the model's head on 1024 rows, with the sampler's kernel), as the tokens/s they
     allow: a step reads every weight once and does 2 flops per weight and row."""
-    from packing import KERNELS
     x = torch.randn(1 << 28)  # 1 GiB
     x.sum()
     t = time.perf_counter()
@@ -166,8 +166,7 @@ def bench_grpo(args):
     inject_lora(model, r=16, alpha=32, targets=("q_proj", "v_proj"))
     prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": GRPO_PROMPT}]))
     ours = {}
-    # the sampler's weight copies with the float32 learner, then each other learner dtype with float32 sampling
-    settings = [(w, "float32") for w in args.weights] + [("float32", d) for d in args.learner_dtypes if d != "float32"]
+    settings = [(w, d) for d in args.learner_dtypes for w in args.weights]  # sampler copies x learner dtypes
     for weights, learner_dtype in settings:
         key = weights + ("" if learner_dtype == "float32" else f"_learner_{learner_dtype}")
         learner = Learner(model, GRPOConfig(lr=1e-5, mu=1, learner_dtype=learner_dtype))
@@ -268,12 +267,16 @@ def bench_step(args):
     weights = read_weights(model)
     del model
     out = {"machine": machine(), "limits": lim}
-    runs = [(kl, dtype, "float32") for dtype in args.dtypes for kl in args.kl_coefs]
-    runs += [(kl, "float32", d) for d in args.learner_dtypes if d != "float32" for kl in args.kl_coefs]
-    for kl, dtype, learner_dtype in runs:
+    # each model dtype as it is, then the float32 model with each pairing of the opt-in learner dtypes and
+    # sampler weight copies
+    runs = [(kl, dtype, "float32", "float32") for dtype in args.dtypes for kl in args.kl_coefs]
+    runs += [(kl, "float32", d, w) for d in args.learner_dtypes for w in args.weights
+             if (d, w) != ("float32", "float32") for kl in args.kl_coefs]
+    for kl, dtype, learner_dtype, sample_weights in runs:
         with tempfile.TemporaryDirectory() as folder:
             cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "run.py"),
-                   *step_argv(args.model, args.budget, kl, folder), "--dtype", dtype, "--learner-dtype", learner_dtype]
+                   *step_argv(args.model, args.budget, kl, folder), "--dtype", dtype, "--learner-dtype", learner_dtype,
+                   "--sample-weights", sample_weights]
             done = subprocess.run(cmd, stdout=subprocess.DEVNULL)  # run.py's own one-line error reaches stderr
             if done.returncode != 0:
                 print(f"error: bench.py step: the measured run.py exited with status {done.returncode} "
@@ -299,13 +302,15 @@ def bench_step(args):
         train_flops = forwards * 2 * weights * (prompt + tokens)
         rate, bandwidth = lim["float32_GFLOP_s"] * 1e9, lim["read_GB_s"] * 1e9
         train_rate = rate if learner_dtype == "float32" else lim["bfloat16_GFLOP_s"] * 1e9
+        read = 4 if sample_weights == "float32" else KERNELS[sample_weights].bytes_per_weight  # a token, per weight
         out[f"kl_{kl}" + ("" if dtype == "float32" else f"_{dtype}")
-            + ("" if learner_dtype == "float32" else f"_learner_{learner_dtype}")] = {
-            "dtype": dtype, "learner_dtype": learner_dtype, "steps": len(steps), "seconds": med("seconds"), "sample_seconds": med("sample_seconds"),
+            + ("" if learner_dtype == "float32" else f"_learner_{learner_dtype}")
+            + ("" if sample_weights == "float32" else f"_weights_{sample_weights}")] = {
+            "dtype": dtype, "learner_dtype": learner_dtype, "sample_weights": sample_weights, "steps": len(steps), "seconds": med("seconds"), "sample_seconds": med("sample_seconds"),
             "train_seconds": med("train_seconds"), "prompt_tokens": prompt, "completion_tokens": tokens,
             "rows": rows, "train_GFLOP": round(train_flops / 1e9, 1),
             "train_floor_s": round(train_flops / train_rate, 3),
-            "sample_floor_s": round(2 * weights * prompt / rate + tokens / rows * weights * 4 / bandwidth, 3)}
+            "sample_floor_s": round(2 * weights * prompt / rate + tokens / rows * weights * read / bandwidth, 3)}
     if "bfloat16" in args.dtypes:
         out["bfloat16_kl_to_float32"] = dtype_kl(path, torch.bfloat16)
     return out
@@ -441,9 +446,10 @@ def main():
                     help="batch sizes (sample: 1 8 16; repack: 16 8 4 2 1; gpu: 1 16 64)")
     ap.add_argument("--new-tokens", type=int, default=128, help="tokens generated per row (sample)")
     ap.add_argument("--repeats", type=int, default=2, help="runs per setting; the best is reported")
-    ap.add_argument("--weights", nargs="+", default=["float32", "int8"], choices=["float32", "bfloat16", "int8"],
-                    help="sample, grpo: our decoder's weight copies (float32: exact; bfloat16, int8: opt-in, change "
-                         "numerics; their KL to float32 is printed)")
+    ap.add_argument("--weights", nargs="+", default=None, choices=["float32", "bfloat16", "int8"],
+                    help="sample, grpo, step: our decoder's weight copies (float32: exact; bfloat16, int8: opt-in, "
+                         "change numerics; sample prints their KL to float32) (default: sample, grpo float32 int8; "
+                         "step float32)")
     ap.add_argument("--group", type=int, default=8, help="completions per group (grpo)")
     ap.add_argument("--iterations", type=int, default=3, help="timed iterations after one warm-up (grpo)")
     ap.add_argument("--budget", type=int, default=80, help="oracle calls of the measured run (step): 20 warm start")
@@ -452,13 +458,15 @@ def main():
                     help="step: run.py --dtype of each run (bfloat16: opt-in, changes numerics; its KL to float32 is printed)")
     ap.add_argument("--learner-dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
                     help="grpo, step: also time the learner multiplying the frozen weights in this dtype "
-                         "(run.py --learner-dtype; opt-in, changes numerics), with float32 sampling")
+                         "(run.py --learner-dtype; opt-in, changes numerics), with each of --weights")
     args = ap.parse_args()
     if args.what == "gpu" and not torch.cuda.is_available():
         print("error: bench.py gpu needs a CUDA GPU; none is visible to PyTorch here", file=sys.stderr)
         sys.exit(2)
     if args.what == "grpo" and "--new-tokens" not in sys.argv:
         args.new_tokens = 64
+    if args.weights is None:  # sample, grpo: both copies by default; step: the float32 policy only
+        args.weights = ["float32"] if args.what == "step" else ["float32", "int8"]
     benches = {"sample": bench_sample, "grpo": bench_grpo, "step": bench_step, "repack": bench_repack, "gpu": bench_gpu}
     try:
         result = benches[args.what](args)

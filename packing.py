@@ -73,6 +73,18 @@ def _bf16_mm(x, p, rows):
     return y if p[1] is None else y + p[1]  # the bias added in float32
 
 
+def _bf16_products() -> bool:
+    """Whether this CPU's oneDNN multiplies packed bfloat16 weights. It needs AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT
+    and refuses otherwise (on an AVX2-only CPU, unpacked bfloat16 products run ~3x slower than float32), so ask it."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=torch.bfloat16), 1)
+        return True
+    except RuntimeError:
+        return False
+
+
 def _quantized_engine():
     engines = torch.backends.quantized.supported_engines
     return next((e for e in ("x86", "fbgemm") if e in engines), None)
@@ -92,7 +104,7 @@ KERNELS = {
                    torch.ops.quantized.linear_dynamic.default, bytes_per_weight=1),
     # oneDNN's packed product on bfloat16 copies: half the bytes of float32, and 2-2.4x its product rate on CPUs
     # with bfloat16 instructions (AVX512-BF16, AMX); the activations are rounded to bfloat16 for the product
-    "bfloat16": Kernel("bfloat16", torch.backends.mkldnn.is_available(), _bf16_pack, _bf16_mm,
+    "bfloat16": Kernel("bfloat16", _bf16_products(), _bf16_pack, _bf16_mm,
                        torch.ops.mkldnn._linear_pointwise.default, bytes_per_weight=2),
 }
 KERNELS["mm"] = Kernel("mm", True, lambda w, bias, rows: (w.contiguous(), bias),

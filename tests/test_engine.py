@@ -202,6 +202,21 @@ def test_bfloat16_learner_follows_the_float32_gradient(tiny):
         GRPOConfig(learner_dtype="float16")
 
 
+def test_bfloat16_opt_ins_are_refused_where_the_cpu_has_no_bfloat16_products(tmp_path):
+    # They exist only to be faster. Where oneDNN has no bfloat16 product (capped to AVX2 here, as on an AVX2-only
+    # CPU) the decode copies used to fail mid-run with a RuntimeError traceback and the learner to run ~3x slower
+    # than float32; now run.py says so in one line and exits 2 before any work.
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2")
+    for flag in ("--sample-weights", "--learner-dtype"):
+        r = subprocess.run([sys.executable, "run.py", "--task", "toy", "--model", "tiny", flag, "bfloat16", "--budget",
+                            "2", "--out", str(tmp_path / flag)], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert r.stderr.strip().splitlines()[-1] == (
+            f"error: {flag} bfloat16: this CPU's PyTorch has no fast bfloat16 product (it needs AVX-512 BW/VL/DQ or "
+            "AVX-NE-CONVERT); use float32"), r.stderr
+
+
 def test_zero_reward_members_leave_the_loss_and_zero_spread_skips(tiny):
     model, tok = tiny
     inject_lora(model, r=4, alpha=8)

@@ -467,6 +467,11 @@ def main():
         args.new_tokens = 64
     if args.weights is None:  # sample, grpo: both copies by default; step: the float32 policy only
         args.weights = ["float32"] if args.what == "step" else ["float32", "int8"]
+    missing = sorted({w for w in args.weights + args.learner_dtypes if w != "float32" and not KERNELS[w].available})
+    if missing:  # the sampler would quietly decode in float32 and the figures would lie
+        print(f"error: bench.py: this CPU's PyTorch has no fast {' or '.join(missing)} product; leave it out",
+              file=sys.stderr)
+        sys.exit(2)
     benches = {"sample": bench_sample, "grpo": bench_grpo, "step": bench_step, "repack": bench_repack, "gpu": bench_gpu}
     try:
         result = benches[args.what](args)

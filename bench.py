@@ -133,8 +133,8 @@ def bench_sample(args):
 @torch.no_grad()
 def kl_to_float32(model, outs):
     """KL(sampling policy || float32 policy) per token, estimated on the sampler's own samples (int8 or bfloat16
-    weight copies, or a bfloat16 model: dtype_kl): the mean of log p_q(y) - log p_float32(y) (k1) and of the always-positive k3,
-    with `model`, the float32 model, giving log p_float32."""
+    weight copies, or a bfloat16 model: dtype_kl): the mean of log p_q(y) - log p_float32(y) (k1) and of the
+    always-positive k3, with `model`, the float32 model, giving log p_float32."""
     k1, k3, n = 0.0, 0.0, 0
     for o in outs:
         x = torch.tensor([o.prompt_ids + o.ids])
@@ -306,7 +306,8 @@ def bench_step(args):
         out[f"kl_{kl}" + ("" if dtype == "float32" else f"_{dtype}")
             + ("" if learner_dtype == "float32" else f"_learner_{learner_dtype}")
             + ("" if sample_weights == "float32" else f"_weights_{sample_weights}")] = {
-            "dtype": dtype, "learner_dtype": learner_dtype, "sample_weights": sample_weights, "steps": len(steps), "seconds": med("seconds"), "sample_seconds": med("sample_seconds"),
+            "dtype": dtype, "learner_dtype": learner_dtype, "sample_weights": sample_weights, "steps": len(steps),
+            "seconds": med("seconds"), "sample_seconds": med("sample_seconds"),
             "train_seconds": med("train_seconds"), "prompt_tokens": prompt, "completion_tokens": tokens,
             "rows": rows, "train_GFLOP": round(train_flops / 1e9, 1),
             "train_floor_s": round(train_flops / train_rate, 3),

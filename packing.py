@@ -165,17 +165,18 @@ def _norm(x, norm):
 class PackedDecoder:
     """The packed copy of a model's projections for decoding exactly `rows` rows on a CPU, and its step.
 
-    The copy costs memory (one more copy of the weights; a quarter of it in int8, half in bfloat16) and time to build (0.4 s for
-    SmolLM2), so it is kept across calls and rebuilt only for a new row count or when a weight it was made of
-    was replaced or changed in place (an optimiser step on the adapter: only the products holding q and v are
-    rebuilt): the tensor and its version counter are checked on every `prepare`. The model itself never
+    The copy costs memory (one more copy of the weights; a quarter of it in int8, half in bfloat16) and time to
+    build (0.4 s for SmolLM2), so it is kept across calls and rebuilt only for a new row count or when a weight it
+    was made of was replaced or changed in place (an optimiser step on the adapter: only the products holding q
+    and v are rebuilt): the tensor and its version counter are checked on every `prepare`. The model itself never
     carries a pack: training, state_dict and deepcopy never see one.
 
     weights: "float32" (the model's own numbers; the kernel chosen by measurement, or forced with `kernel`)
     or "int8" or "bfloat16" (opt-in: other numbers, README)."""
 
     def __init__(self, model, weights="float32", kernel=None):
-        assert weights in ("float32", "int8", "bfloat16"), f"packed weights are float32, int8 or bfloat16, not {weights!r}"
+        assert weights in ("float32", "int8", "bfloat16"), \
+            f"packed weights are float32, int8 or bfloat16, not {weights!r}"
         self.model, self.weights, self.rows, self.packs = model, weights, None, {}
         self.forced = kernel if weights == "float32" else weights
         assert self.forced is None or self.forced in KERNELS, f"unknown kernel {kernel!r}"

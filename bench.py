@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from cpu_linear import cpu_info
 from default_model import model_path
 from model import ModelError, load_model
-from packing import KERNELS
+from packing import KERNELS, missing_product
 from sampling import Sampler
 
 PROMPT = "Write a short story about a robot who learns to paint."  # 42 tokens once chat-templated (SmolLM2)
@@ -468,10 +468,9 @@ def main():
         args.new_tokens = 64
     if args.weights is None:  # sample, grpo: both copies by default; step: the float32 policy only
         args.weights = ["float32"] if args.what == "step" else ["float32", "int8"]
-    missing = sorted({w for w in args.weights + args.learner_dtypes if w != "float32" and not KERNELS[w].available})
-    if missing:  # the sampler would quietly decode in float32 and the figures would lie
-        print(f"error: bench.py: this CPU's PyTorch has no fast {' or '.join(missing)} product; leave it out",
-              file=sys.stderr)
+    missing = sorted({missing_product(w) for w in args.weights + args.learner_dtypes} - {None})
+    if missing:  # figures under a low-precision label must be that dtype's
+        print(f"error: bench.py: {'; '.join(missing)}; leave it out", file=sys.stderr)
         sys.exit(2)
     benches = {"sample": bench_sample, "grpo": bench_grpo, "step": bench_step, "repack": bench_repack, "gpu": bench_gpu}
     try:

@@ -145,13 +145,21 @@ def cache_dir() -> str:
     return os.environ.get("MIGRATE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "migrate")
 
 
+# Settings that cap the instructions a library uses (to test or measure as on an older CPU): the same CPU then
+# multiplies through other kernels, at other speeds, so a choice timed without them does not hold with them.
+ISA_CAPS = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "MKL_DEBUG_CPU_TYPE", "ONEDNN_MAX_CPU_ISA",
+            "DNNL_MAX_CPU_ISA")
+
+
 def machine_key() -> str:
     """What a kernel timing holds for: the CPU (its name and a digest of its feature flags, since a virtual
-    machine may name two kinds alike), the torch build and the threads a product runs on."""
+    machine may name two kinds alike), any instruction caps set (ISA_CAPS), the torch build and the threads a
+    product runs on."""
     info = cpu_info()
     name = info.get("model name") or platform.processor() or platform.machine()
     flags = hashlib.sha256(info.get("flags", "").encode()).hexdigest()[:8]
-    return f"{name} flags {flags} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+    caps = "".join(f" {k}={os.environ[k]}" for k in ISA_CAPS if os.environ.get(k))
+    return f"{name} flags {flags}{caps} | torch {torch.__version__} | {torch.get_num_threads()} threads"
 
 
 def remembered(key: str, measure):

@@ -85,6 +85,18 @@ def _bf16_products() -> bool:
         return False
 
 
+_NEEDS = {"bfloat16": "AVX-512 BW/VL/DQ or AVX-NE-CONVERT", "int8": "the fbgemm/x86 quantized engine"}
+
+
+def missing_product(weights) -> str | None:
+    """Why this CPU's PyTorch cannot multiply `weights` ("int8", "bfloat16") fast, or None where it can (and for
+    "float32"). The low-precision options exist only to be faster: run.py, bench.py and PackedDecoder refuse them
+    with this reason rather than run slower in another dtype than asked, or print float32 figures under its label."""
+    if weights == "float32" or KERNELS[weights].available:
+        return None
+    return f"this CPU's PyTorch has no fast {weights} product (it needs {_NEEDS[weights]})"
+
+
 def _quantized_engine():
     engines = torch.backends.quantized.supported_engines
     return next((e for e in ("x86", "fbgemm") if e in engines), None)
@@ -180,6 +192,12 @@ class PackedDecoder:
         self.model, self.weights, self.rows, self.packs = model, weights, None, {}
         self.forced = kernel if weights == "float32" else weights
         assert self.forced is None or self.forced in KERNELS, f"unknown kernel {kernel!r}"
+        if weights != "float32":  # asked for on purpose: never decode quietly in float32 instead
+            if model.lm_head.weight.device.type != "cpu":
+                raise ValueError(f"{weights} decode copies are for the CPU's packed decoder; on a GPU use the "
+                                 "model's dtype")
+            if missing_product(weights):
+                raise ValueError(f"{weights} decode copies: {missing_product(weights)}")
         self.kernel = None  # kind of product -> the kernel the current packs were made with
         self.choice = {}  # size class -> ({kind: kernel}, {kernel: {kind: seconds a step}}, rows timed)
         self._fits = None

@@ -153,13 +153,14 @@ def resolve(args):
                label=args.label, compile=args.compile,
                sample_weights=args.sample_weights,
                diagnostics=args.diagnostics)
-    needs = {"bfloat16": "AVX-512 BW/VL/DQ or AVX-NE-CONVERT", "int8": "the fbgemm/x86 quantized engine"}
+    if args.sample_weights != "float32" and args.device != "cpu":
+        raise UsageError(f"--sample-weights {args.sample_weights} makes copies for the CPU's packed decoder; on a "
+                         "GPU use --dtype")
     for flag, which in (("--sample-weights", args.sample_weights), ("--learner-dtype", args.learner_dtype)):
-        if which != "float32" and args.device == "cpu":
-            from packing import KERNELS
-            if not KERNELS[which].available:  # they exist only to be faster: say so, not run slower or fail later
-                raise UsageError(f"{flag} {which}: this CPU's PyTorch has no fast {which} product (it needs "
-                                 f"{needs[which]}); use float32")
+        if args.device == "cpu":
+            from packing import missing_product
+            if missing_product(which):  # they exist only to be faster: say so, not run slower or fail later
+                raise UsageError(f"{flag} {which}: {missing_product(which)}; use float32")
     if args.learner_dtype != "float32" and args.dtype != "float32":
         raise UsageError(f"--learner-dtype {args.learner_dtype} needs float32 weights; with --dtype {args.dtype} "
                          "the learner already multiplies in that dtype")

@@ -13,12 +13,17 @@
   python bench.py gpu      # CUDA, bf16, random weights of real shapes: decode vs transformers, roofline,
                            # one ARC-sized GRPO iteration (needs a GPU; not run on the CPU machines)
 
+As on an AVX2-only CPU, on this one: `ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
+python bench.py ...` caps the instructions every library here (and the peer's) uses; the JSON records the caps.
+It is the same cores, caches and memory, so it shows the kernels' choice, not another CPU's figures.
+
 Speed is measured, never asserted: nothing here fails on a slow machine. `transformers`, `trl` and `peft`
 are benchmark-only imports (requirements-bench.txt).
 """
 import argparse
 import contextlib
 import json
+import os
 import platform
 import statistics
 import sys
@@ -28,7 +33,7 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from cpu_linear import cpu_info
+from cpu_linear import ISA_CAPS, cpu_info
 from default_model import model_path
 from model import ModelError, load_model
 from packing import KERNELS, missing_product
@@ -40,8 +45,9 @@ PROMPT = "Write a short story about a robot who learns to paint."  # 42 tokens o
 def machine():
     """The CPU by name and instruction set (figures differ by CPU: they are written beside it)."""
     name = cpu_info().get("model name") or platform.processor() or platform.machine()
+    caps = {k: os.environ[k] for k in ISA_CAPS if os.environ.get(k)}  # measured as on an older CPU
     return {"cpu": name, "isa": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version()}
+            "torch": torch.__version__, "python": platform.python_version(), **({"isa_caps": caps} if caps else {})}
 
 
 def read_weights(model):
@@ -258,7 +264,6 @@ def bench_step(args):
     the reference forward when the KL term is on: 2 flops per weight and token each, at the measured product
     rate. Sampling is the prompt's prefill at that rate plus one read of every weight per decoded token (the
     mean completion's length: the longest is at least that) at the measured bandwidth. No peer runs this step."""
-    import os
     import subprocess
     import tempfile
     path = model_path(args.model)

@@ -3,6 +3,8 @@ in this process, with a timer around each part of the step [ours, speed only].
 
     python stepprofile.py                  # median seconds a trained step spends in each part, as JSON
     python stepprofile.py --ops 2          # also the aten operators of two steps' sampling (torch.profiler)
+    python stepprofile.py --train-ops 3    # and of three steps' learner (GRPO update)
+    python stepprofile.py --train-ops 3 --extra --learner-dtype bfloat16   # run.py flags of the profiled run
 
 `bench.py step` says how long a step takes against its floor; this says which part is over it. Each part's time
 is exclusive (a part called inside another counts once, in the inner one), on the main thread only (the reward
@@ -91,13 +93,17 @@ def main():
     ap.add_argument("--budget", type=int, default=80, help="oracle calls of the profiled run (20 warm start)")
     ap.add_argument("--kl-coef", type=float, default=0.0, help="the run's KL coefficient")
     ap.add_argument("--ops", type=int, default=0, help="also profile aten operators over this many steps' sampling")
+    ap.add_argument("--train-ops", type=int, default=0,
+                    help="also profile aten operators over this many trained steps' learner update")
+    ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
+                    help="run.py flags for the profiled runs, e.g. --extra --learner-dtype bfloat16")
     args = ap.parse_args()
     import run
     from bench import machine, step_argv
     timers = Timers()
     with tempfile.TemporaryDirectory() as folder:
         with timed(timers), contextlib.redirect_stdout(sys.stderr):
-            rc = run.main(step_argv(args.model, args.budget, args.kl_coef, folder, args.task_id))
+            rc = run.main(step_argv(args.model, args.budget, args.kl_coef, folder, args.task_id) + args.extra)
     if rc != 0:  # run.py has printed its own one-line error
         print(f"error: stepprofile.py: the profiled run.py exited with status {rc} (its error is above)",
               file=sys.stderr)
@@ -116,40 +122,50 @@ def main():
            "completion_tokens": statistics.median(s["metrics"]["completion_tokens"] for s in trained),
            "parts_median_s": dict(sorted(med.items(), key=lambda kv: -kv[1]))}
     if args.ops:
-        out["ops"] = profile_ops(args)
+        out["ops"] = profile_ops(args, "sampling", "Sampler", "generate", args.ops)
+    if args.train_ops:
+        out["train_ops"] = profile_ops(args, "grpo", "Learner", "step", args.train_ops)
     print(json.dumps(out, indent=1))
 
 
-def profile_ops(args):
-    """aten operators by self CPU time over the sampling of `args.ops` steps (the second on) of a second run of
-    the same command: the profiler's cost is per operator, so this ranks them; it does not time them."""
+def profile_ops(args, module, cls, attr, n):
+    """aten operators by self CPU time over `n` calls (the second on) of module.cls.attr (the sampler's
+    generate, or the learner's step) in a second run of the same command: the profiler's cost is per operator,
+    so this ranks them; it does not time them. Also the wall seconds of the profiled calls, and what they
+    worked on (learner: its statistics, whose trained members and tokens differ between runs)."""
+    import importlib
     import run
-    import sampling
     from bench import step_argv
     from torch.profiler import ProfilerActivity, profile
-    calls, tables = [0], []
-    original = sampling.Sampler.generate
+    owner = getattr(importlib.import_module(module), cls)
+    calls, tables, walls, stats = [0], [], [], []
+    original = getattr(owner, attr)
 
-    def generate(self, *a, **k):
+    def profiled(self, *a, **k):
         calls[0] += 1
-        if not 2 <= calls[0] <= 1 + args.ops:
+        if not 2 <= calls[0] <= 1 + n:
             return original(self, *a, **k)
+        start = time.perf_counter()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             out = original(self, *a, **k)
+        walls.append(round(time.perf_counter() - start, 3))
         tables.append(prof.key_averages())
+        if isinstance(out, dict):
+            stats.append({k: out[k] for k in ("trained_members", "skipped") if k in out})
         return out
-    sampling.Sampler.generate = generate
+    setattr(owner, attr, profiled)
     try:
         with tempfile.TemporaryDirectory() as folder, contextlib.redirect_stdout(sys.stderr):
-            run.main(step_argv(args.model, args.budget, args.kl_coef, folder, args.task_id))
+            run.main(step_argv(args.model, args.budget, args.kl_coef, folder, args.task_id) + args.extra)
     finally:
-        sampling.Sampler.generate = original
+        setattr(owner, attr, original)
     total = {}
     for table in tables:
         for e in table:
             total[e.key] = total.get(e.key, 0.0) + e.self_cpu_time_total / 1e6
     top = sorted(total.items(), key=lambda kv: -kv[1])[:25]
-    return {"steps": len(tables), "self_seconds": {k: round(v, 4) for k, v in top}}
+    return {"calls": len(tables), "wall_seconds": walls, **({"calls_stats": stats} if stats else {}),
+            "self_seconds": {k: round(v, 4) for k, v in top}}
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ GRIDS = {
     "arc": ("arc:d037b0a7,e9afcf9a,5582e5ca,6150a2bd", 64, {  # training tasks where copying scores > 0
         "random": ("random", []),
         "paper-lr1e-5-a32": ("grpo", ["--lr", "1e-5", "--lora-alpha", "32"]),
+        "lr5e-5-a128": ("grpo", ["--lr", "5e-5", "--lora-alpha", "128"]),
         "lr2e-4-a128": ("grpo", ["--lr", "2e-4", "--lora-alpha", "128"]),
         "lr1e-3-a128": ("grpo", ["--lr", "1e-3", "--lora-alpha", "128"]),
     }),

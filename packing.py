@@ -196,8 +196,9 @@ class PackedDecoder:
             if model.lm_head.weight.device.type != "cpu":
                 raise ValueError(f"{weights} decode copies are for the CPU's packed decoder; on a GPU use the "
                                  "model's dtype")
-            if missing_product(weights):
-                raise ValueError(f"{weights} decode copies: {missing_product(weights)}")
+            reason = missing_product(weights)
+            if reason:
+                raise ValueError(f"{weights} decode copies: {reason}")
         self.kernel = None  # kind of product -> the kernel the current packs were made with
         self.choice = {}  # size class -> ({kind: kernel}, {kernel: {kind: seconds a step}}, rows timed)
         self._fits = None

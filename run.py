@@ -159,8 +159,9 @@ def resolve(args):
     for flag, which in (("--sample-weights", args.sample_weights), ("--learner-dtype", args.learner_dtype)):
         if args.device == "cpu":
             from packing import missing_product
-            if missing_product(which):  # they exist only to be faster: say so, not run slower or fail later
-                raise UsageError(f"{flag} {which}: {missing_product(which)}; use float32")
+            reason = missing_product(which)
+            if reason:  # they exist only to be faster: say so, not run slower or fail later
+                raise UsageError(f"{flag} {which}: {reason}; use float32")
     if args.learner_dtype != "float32" and args.dtype != "float32":
         raise UsageError(f"--learner-dtype {args.learner_dtype} needs float32 weights; with --dtype {args.dtype} "
                          "the learner already multiplies in that dtype")

@@ -69,13 +69,18 @@ class Timers:
         return timed
 
 
+def _owner(owner):
+    """"module.Class" -> the class, "module" -> the module: where a timed or profiled function lives."""
+    import importlib
+    mod, _, cls = owner.partition(".")
+    return getattr(importlib.import_module(mod), cls) if cls else importlib.import_module(mod)
+
+
 @contextlib.contextmanager
 def timed(timers):
-    import importlib
     undo = []
     for label, owner, attr in PARTS:
-        mod, _, cls = owner.partition(".")
-        target = getattr(importlib.import_module(mod), cls) if cls else importlib.import_module(mod)
+        target = _owner(owner)
         fn = getattr(target, attr)
         undo.append((target, attr, fn))
         setattr(target, attr, timers.wrap(label, fn))
@@ -122,22 +127,21 @@ def main():
            "completion_tokens": statistics.median(s["metrics"]["completion_tokens"] for s in trained),
            "parts_median_s": dict(sorted(med.items(), key=lambda kv: -kv[1]))}
     if args.ops:
-        out["ops"] = profile_ops(args, "sampling", "Sampler", "generate", args.ops)
+        out["ops"] = profile_ops(args, "sampling.Sampler", "generate", args.ops)
     if args.train_ops:
-        out["train_ops"] = profile_ops(args, "grpo", "Learner", "step", args.train_ops)
+        out["train_ops"] = profile_ops(args, "grpo.Learner", "step", args.train_ops)
     print(json.dumps(out, indent=1))
 
 
-def profile_ops(args, module, cls, attr, n):
-    """aten operators by self CPU time over `n` calls (the second on) of module.cls.attr (the sampler's
+def profile_ops(args, where, attr, n):
+    """aten operators by self CPU time over `n` calls (the second on) of where.attr (the sampler's
     generate, or the learner's step) in a second run of the same command: the profiler's cost is per operator,
     so this ranks them; it does not time them. Also the wall seconds of the profiled calls, and what they
-    worked on (learner: its statistics, whose trained members and tokens differ between runs)."""
-    import importlib
+    worked on (learner: its trained members, which differ between runs)."""
     import run
     from bench import step_argv
     from torch.profiler import ProfilerActivity, profile
-    owner = getattr(importlib.import_module(module), cls)
+    owner = _owner(where)
     calls, tables, walls, stats = [0], [], [], []
     original = getattr(owner, attr)
 

@@ -57,7 +57,7 @@ def num(x, digits=3):
 
 def fmt(ci, digits=3):
     """A (mean, low, high) interval as "m [lo, hi]"; the mean alone when there is no interval."""
-    m, lo, hi = ci
+    m, lo, hi = ci[:3]  # a paired difference also carries its count of units
     return "–" if m is None else f"{m:.{digits}f}" if lo is None else f"{m:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
@@ -134,20 +134,28 @@ def last(run, key):
 
 
 MIN_PAIRS = 3  # a bootstrap over one or two differences (or problems) is no interval: fewer give the mean alone
+# Fewer than six independent differences cannot show a difference at 5%: under the null (each difference as likely
+# negative as positive) n differences of one sign have a two-sided probability 2 / 2**n, 0.0625 at n = 5. A
+# percentile bootstrap over so few has at most C(2n-1, n) distinct resamples and excludes 0 far more often than 5%
+# (at 3 pairs, whenever all three agree: a 1-in-4 chance under the null), so below this its interval is shown but
+# never starred.
+MIN_SIGNIFICANT = 6
 
 
 def paired_ci(pairs, n=4000, seed=0, groups=None):
     """Mean difference a - b over matched (a, b) pairs and its 95% paired-bootstrap interval, resampling whole
-    `groups` where given (see bootstrap_ci); no interval, and so never a significant difference, below MIN_PAIRS
-    pairs."""
+    `groups` where given (see bootstrap_ci): (mean, low, high, units), units being the independent differences
+    behind it (problems when grouped by problem, else pairs). No interval below MIN_PAIRS units."""
     diffs = [None if a is None or b is None else a - b for a, b in pairs]
     m, lo, hi = bootstrap_ci(diffs, n, seed, groups)
-    return (m, lo, hi) if len(_clusters(diffs, groups)) >= MIN_PAIRS else (m, None, None)
+    units = len(_clusters(diffs, groups))
+    return (m, lo, hi, units) if units >= MIN_PAIRS else (m, None, None, units)
 
 
-def excludes_zero(ci):
-    """Is a difference significant: its interval exists and 0 is outside it."""
-    return ci[1] is not None and not ci[1] <= 0 <= ci[2]
+def significant(diff):
+    """Does a paired difference count: its interval excludes 0 and it rests on MIN_SIGNIFICANT units or more."""
+    m, lo, hi, units = diff
+    return lo is not None and not lo <= 0 <= hi and units >= MIN_SIGNIFICANT
 
 
 def paired_rows(rs, labels, against, metrics):
@@ -165,7 +173,7 @@ def paired_rows(rs, labels, against, metrics):
             cells = []
             for _, fn, digits in metrics:
                 ci = paired_ci([(fn(by[lab][k]), fn(by[ref][k])) for k in common], groups=[k[0] for k in common])
-                sign = " *" if excludes_zero(ci) else ""
+                sign = " *" if significant(ci) else ""
                 cells.append(fmt(ci, digits) + sign)
             # with two or three problems the interval is wide or absent (problems are resampled): the count of pairs
             # each way says how consistent the difference is, a sign test's input
@@ -283,7 +291,8 @@ def report(out, order=None, against=("random", "grpo"), labels=None, problems=No
         paired = paired_rows(rs, shown, against or [], metrics)
         if paired:
             lines += ["", "Paired differences on the same (problem, seed), mean [95% paired bootstrap CI]; * where "
-                      "the interval excludes 0:", "",
+                      f"the interval excludes 0 over {MIN_SIGNIFICANT} or more "
+                      "problems (fewer cannot show a difference at 5%: see report.py):", "",
                       "| difference | pairs | " + " | ".join(m for m, _, _ in metrics) + f" | {metrics[0][0]}: pairs "
                       "higher / equal / lower |", "|---|---|" + "---|" * (len(metrics) + 1), *paired]
         lines += ["", *by_problem(rs, shown, task_ids, run_seeds), "", *every_run(rs, shown, task_ids)]

@@ -170,14 +170,24 @@ def test_a_named_report_covers_only_the_grid_it_names(done, tmp_path):
 
 def test_too_few_pairs_give_no_interval_and_no_significance():
     """A bootstrap over one or two paired differences is no interval: the table shows the mean alone, unstarred
-    (the airbase pair once read "-0.070 [-0.070, -0.070] *")."""
+    (the airbase pair once read "-0.070 [-0.070, -0.070] *"). From three the interval is shown, but a difference
+    counts only from MIN_SIGNIFICANT: three to five differences of one sign exclude 0 from the bootstrap interval
+    while a sign test over them cannot reach 5% (three agreeing ones starred a sweep row once)."""
     sys.path.insert(0, ROOT)
-    from report import MIN_PAIRS, excludes_zero, fmt, paired_ci
+    from report import MIN_PAIRS, MIN_SIGNIFICANT, fmt, paired_ci, significant
     few = paired_ci([(0.3, 0.4)] * (MIN_PAIRS - 1))
-    assert few[1] is None and not excludes_zero(few) and fmt(few) == "-0.100", few
-    enough = paired_ci([(0.3, 0.4), (0.2, 0.35), (0.1, 0.3)])
-    assert excludes_zero(enough) and enough[2] < 0, enough
-    assert not excludes_zero(paired_ci([(0.3, 0.4), (0.4, 0.3), (0.2, 0.2)])), "mixed signs: 0 inside"
+    assert few[1] is None and not significant(few) and fmt(few) == "-0.100", few
+    lows = [0.3, 0.2, 0.1, 0.25, 0.15, 0.05, 0.35]
+    highs = [0.4, 0.35, 0.3, 0.3, 0.3, 0.2, 0.4]
+    for n in range(MIN_PAIRS, MIN_SIGNIFICANT):
+        agree = paired_ci(list(zip(lows[:n], highs[:n])))
+        assert agree[2] < 0 and agree[3] == n and not significant(agree), (n, agree)
+        assert 2 / 2 ** n > 0.05, "the floor is where a sign test first can reach 5%"
+    assert 2 / 2 ** MIN_SIGNIFICANT < 0.05
+    enough = paired_ci(list(zip(lows[:MIN_SIGNIFICANT], highs[:MIN_SIGNIFICANT])))
+    assert significant(enough) and enough[2] < 0, enough
+    mixed = [(0.3, 0.4), (0.4, 0.3), (0.2, 0.2), (0.5, 0.45), (0.1, 0.2), (0.6, 0.5)]
+    assert not significant(paired_ci(mixed)), "mixed signs: 0 inside"
 
 
 def test_seeds_of_one_problem_are_resampled_together():
@@ -185,16 +195,18 @@ def test_seeds_of_one_problem_are_resampled_together():
     seeds that agree do not narrow it as more problems would; one run per problem is the plain bootstrap, and two
     problems give no interval however many seeds they have."""
     sys.path.insert(0, ROOT)
-    from report import bootstrap_ci, excludes_zero, paired_ci
+    from report import MIN_SIGNIFICANT, bootstrap_ci, paired_ci, significant
     xs = [0.10, 0.12, 0.50, 0.52, 0.90, 0.88]  # three problems, two seeds each
     problems = ["a", "a", "b", "b", "c", "c"]
     plain, grouped = bootstrap_ci(xs), bootstrap_ci(xs, groups=problems)
     assert grouped[0] == plain[0], (grouped, plain)
     assert grouped[2] - grouped[1] > 1.2 * (plain[2] - plain[1]), (grouped, plain)
     assert bootstrap_ci(xs, groups=list("uvwxyz")) == plain, "one run a problem: the plain bootstrap"
-    two = paired_ci([(0.5, 0.4), (0.6, 0.4), (0.5, 0.3), (0.7, 0.4)], groups=["a", "a", "b", "b"])
-    assert two[1] is None and not excludes_zero(two), two
-    assert excludes_zero(paired_ci([(0.5, 0.4), (0.6, 0.4), (0.5, 0.3), (0.7, 0.4)], groups=list("abcd")))
+    pairs = [(0.5, 0.4), (0.6, 0.4), (0.5, 0.3), (0.7, 0.4), (0.6, 0.45), (0.55, 0.5)]
+    two = paired_ci(pairs, groups=list("aaabbb"))
+    assert two[1] is None and two[3] == 2 and not significant(two), two
+    six = paired_ci(pairs, groups=list("abcdef"))  # one pair a problem
+    assert six[3] == len(pairs) >= MIN_SIGNIFICANT and significant(six), six
 
 
 def test_policy_reward_reads_ns_samples_when_a_group_has_no_on_policy_ones():

@@ -52,6 +52,10 @@ GRIDS = {
         "lr5e-5-a128": ("grpo", ["--lr", "5e-5", "--lora-alpha", "128"]),
         "lr2e-4-a128": ("grpo", ["--lr", "2e-4", "--lora-alpha", "128"]),
         "lr1e-3-a128": ("grpo", ["--lr", "1e-3", "--lora-alpha", "128"]),
+        "lr1e-4-a128": ("grpo", ["--lr", "1e-4", "--lora-alpha", "128"]),
+        # MiGrATe's 11/1/4 groups keep on-policy members, so its paired reference is `random` here too
+        "migrate-lr1e-4-a128": ("migrate", ["--lr", "1e-4", "--lora-alpha", "128"]),
+        "migrate-lr2e-4-a128": ("migrate", ["--lr", "2e-4", "--lora-alpha", "128"]),
     }),
     # plogp tunes what qed reports (README's coder-model showcase), with the coder model (the default writes no
     # SMILES). MiGrATe's 2/1/2 groups have on-policy members, so its paired reference is `random`.
@@ -70,7 +74,7 @@ def learning_table(out):
     against its untrained reference (`random` for its words per completion; `ns` for MiGrATe, whose Semantle
     groups are all neighbourhood), the last third's repeat and parse-failure shares, the last KL to the base
     policy, and the best reward."""
-    from report import excludes_zero, fmt, last, last_third, load_runs, paired_ci, rise
+    from report import fmt, last, last_third, load_runs, paired_ci, rise, significant
     runs = load_runs(out, unfinished=True)
     key = lambda r: (r["task_id"], r["seed"])
     words = lambda r: r["task_options"].get("words", 2)
@@ -86,7 +90,7 @@ def learning_table(out):
                      else "random")
         ref = {key(r): r for r in runs if r["label"] == ref_label}
         diff = paired_ci([(rise(r), rise(ref[key(r)])) for r in mine if key(r) in ref])
-        star = " *" if excludes_zero(diff) else ""
+        star = " *" if significant(diff) else ""
 
         def mean(xs):
             xs = [x for x in xs if x is not None]

@@ -80,7 +80,7 @@ def learning_table(out):
     words = lambda r: r["task_options"].get("words", 2)
     lines = ["| setting | runs (finished) | policy reward rise − reference's, paired [95% CI] | reference | "
              "repeat share, last third | failed share, last third | new candidates' reward, last third | "
-             "KL per token, last | best reward |",
+             "KL per token, last diagnosed step | best reward |",
              "|---|---|---|---|---|---|---|---|---|"]
     for label in dict.fromkeys(r["label"] for r in runs):
         mine = [r for r in runs if r["label"] == label]

@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -33,21 +32,13 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from cpu_linear import ISA_CAPS, cpu_info
+from cpu_linear import machine
 from default_model import model_path
 from model import ModelError, load_model
 from packing import KERNELS, missing_product
 from sampling import Sampler
 
 PROMPT = "Write a short story about a robot who learns to paint."  # 42 tokens once chat-templated (SmolLM2)
-
-
-def machine():
-    """The CPU by name and instruction set (figures differ by CPU: they are written beside it)."""
-    name = cpu_info().get("model name") or platform.processor() or platform.machine()
-    caps = {k: os.environ[k] for k in ISA_CAPS if os.environ.get(k)}  # measured as on an older CPU
-    return {"cpu": name, "isa": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), **({"isa_caps": caps} if caps else {})}
 
 
 def read_weights(model):

@@ -162,6 +162,21 @@ def machine_key() -> str:
     return f"{name} flags {flags}{caps} | torch {torch.__version__} | {torch.get_num_threads()} threads"
 
 
+def machine(device: str = "cpu") -> dict:
+    """What a figure was measured on: the CPU by name and instruction set (a virtual machine may name two kinds
+    alike, "Intel(R) Xeon(R) Processor"), the threads, any instruction caps, torch and Python; the GPU's name
+    when the work ran on one. Benchmarks and every run's summary.json carry it beside their seconds."""
+    info = cpu_info()
+    name = info.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in info:  # tells apart the kinds a generic name hides
+        name += f" (family {info['cpu family']} model {info.get('model', '?')})"
+    caps = {k: os.environ[k] for k in ISA_CAPS if os.environ.get(k)}  # measured as on an older CPU
+    gpu = {"gpu": torch.cuda.get_device_name(device)} if device.startswith("cuda") else {}
+    return {"cpu": name, "isa": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), **gpu,
+            **({"isa_caps": caps} if caps else {})}
+
+
 def remembered(key: str, measure):
     """The kernel choice `key` on this machine: `measure()` (a JSON value) the first time any process asks,
     its stored answer every time after. A lock makes one process measure while the others wait for its

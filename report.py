@@ -204,6 +204,18 @@ def by_problem(rs, labels, problems, seeds):
     return lines
 
 
+def machines(rs):
+    """A line naming what the wall times were measured on, with its number of runs: a grid done in pieces may
+    span machines, and seconds on one CPU are not seconds on another."""
+    counts = {}
+    for r in rs:
+        m = r.get("machine")
+        key = (f"{m['cpu']}, {m['isa']}, {m['threads']} thread(s)" + (f", {m['gpu']}" if m.get("gpu") else "")
+               if m else "not recorded (runs from before summary.json named its machine)")
+        counts[key] = counts.get(key, 0) + 1
+    return "Wall times measured on: " + "; ".join(f"{k}: {n} run(s)" for k, n in counts.items()) + "."
+
+
 def every_run(rs, labels, problems):
     """Table lines: one row a run, what it found and what its learning diagnostics say (as the tables above)."""
     lines = ["Every run: its best candidate (when short), the oracle calls it used, and its diagnostics:", "",
@@ -265,6 +277,7 @@ def report(out, order=None, against=("random", "grpo"), labels=None, problems=No
             unsolved = sum(not r["solved"] for r in sel)
             lines.append(f"| {lab} | {len(sel)} | {fmt(solve, 2)} | {fmt(best)} | {fmt(calls, 0)} | {unsolved} "
                          f"| {fmt(used, 0)} | {fmt(ci(rise))} | {wall:.0f} |")
+        lines += ["", machines(rs)]
         lines += ["", "What the policy samples and how far training moved it: the mean reward of its samples (of "
                   "the task prompt; for a method with no task-prompt samples, of its NS prompts) in the first and "
                   "last third of a run's steps, whose difference is the rise above; in the last third, the shares "

@@ -334,6 +334,7 @@ def progress(m, budget):
 
 
 def summarise(cfg, task, db, search, reason, wall):
+    from cpu_linear import machine
     from tasks import Score
     best = db.best()
     scored = db.scored()
@@ -341,7 +342,8 @@ def summarise(cfg, task, db, search, reason, wall):
             "model": cfg["model"] or "SmolLM2-135M-Instruct", "stop_reason": reason,
             "best_reward": best.reward if best else None, "best_candidate": best.key if best else None,
             "solved": search.solved, "oracle_calls": db.oracle_calls(), "budget": cfg["budget"],
-            "steps": search.step_idx, "wall_seconds": round(wall, 1), "prompt_tokens": len(search.task_prompt),
+            "steps": search.step_idx, "wall_seconds": round(wall, 1), "machine": machine(cfg["device"]),
+            "prompt_tokens": len(search.task_prompt),
             "curve": compact_curve(db.curve()),
             "final": task.evaluate([(r.key, Score(r.reward, r.info)) for r in scored])}
 

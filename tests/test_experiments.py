@@ -281,3 +281,28 @@ def test_plots_draw_no_two_methods_alike_past_ten():
     from report import line_style
     looks = [tuple(sorted(line_style(k).items())) for k in range(30)]
     assert len(set(looks)) == 30, "two of the first 30 labels share colour and line style"
+
+
+def test_the_report_names_the_machine_behind_its_wall_times(done, tmp_path):
+    """Wall seconds hold for one CPU: every summary names the machine it ran on, and the report counts the runs
+    per machine, runs from before summary.json named it among them, so a grid done in pieces says it spans two."""
+    import shutil
+    from cpu_linear import machine
+    out, _ = done
+    here, s = machine(), summaries(out)
+    assert all((v["machine"]["cpu"], v["machine"]["isa"]) == (here["cpu"], here["isa"]) for v in s.values()), s
+    threads = {v["machine"]["threads"] for v in s.values()}
+    assert len(threads) == 1, f"one thread count for every run of one harness call, got {threads}"
+    where = f"{here['cpu']}, {here['isa']}, {threads.pop()} thread(s)"
+    assert f"Wall times measured on: {where}: 8 run(s)." in (out / "results.md").read_text()
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    for d in sorted(d for d in (old / "runs").iterdir() if d.is_dir())[:3]:  # as a summary written before it carried its machine
+        v = json.loads((d / "summary.json").read_text())
+        del v["machine"]
+        (d / "summary.json").write_text(json.dumps(v))
+    r = subprocess.run([sys.executable, "experiments.py", *ARGS, "--out", str(old), "--report-only"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    line = next(l for l in (old / "results.md").read_text().splitlines() if l.startswith("Wall times measured on"))
+    assert f"{where}: 5 run(s)" in line and "not recorded" in line and ": 3 run(s)" in line, line

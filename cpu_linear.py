@@ -151,15 +151,24 @@ ISA_CAPS = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "MKL_DEBUG_CPU_TYP
             "DNNL_MAX_CPU_ISA")
 
 
+def cpu_name(info: dict) -> str:
+    """The CPU's own name from /proc/cpuinfo (`info`, as cpu_info() reads it), else what platform knows."""
+    return info.get("model name") or platform.processor() or platform.machine()
+
+
+def isa_caps() -> dict:
+    """The instruction caps set in the environment (ISA_CAPS): work measured as on an older CPU."""
+    return {k: os.environ[k] for k in ISA_CAPS if os.environ.get(k)}
+
+
 def machine_key() -> str:
     """What a kernel timing holds for: the CPU (its name and a digest of its feature flags, since a virtual
     machine may name two kinds alike), any instruction caps set (ISA_CAPS), the torch build and the threads a
     product runs on."""
     info = cpu_info()
-    name = info.get("model name") or platform.processor() or platform.machine()
     flags = hashlib.sha256(info.get("flags", "").encode()).hexdigest()[:8]
-    caps = "".join(f" {k}={os.environ[k]}" for k in ISA_CAPS if os.environ.get(k))
-    return f"{name} flags {flags}{caps} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+    caps = "".join(f" {k}={v}" for k, v in isa_caps().items())
+    return f"{cpu_name(info)} flags {flags}{caps} | torch {torch.__version__} | {torch.get_num_threads()} threads"
 
 
 def machine(device: str = "cpu") -> dict:
@@ -167,10 +176,10 @@ def machine(device: str = "cpu") -> dict:
     alike, "Intel(R) Xeon(R) Processor"), the threads, any instruction caps, torch and Python; the GPU's name
     when the work ran on one. Benchmarks and every run's summary.json carry it beside their seconds."""
     info = cpu_info()
-    name = info.get("model name") or platform.processor() or platform.machine()
+    name = cpu_name(info)
     if "cpu family" in info:  # tells apart the kinds a generic name hides
         name += f" (family {info['cpu family']} model {info.get('model', '?')})"
-    caps = {k: os.environ[k] for k in ISA_CAPS if os.environ.get(k)}  # measured as on an older CPU
+    caps = isa_caps()  # measured as on an older CPU
     gpu = {"gpu": torch.cuda.get_device_name(device)} if device.startswith("cuda") else {}
     return {"cpu": name, "isa": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(), **gpu,

@@ -169,12 +169,18 @@ def ckpt_id(folder):
 
 
 def db_rows(folder) -> dict:
-    """{key: (reward, oracle, step)} of the scored candidates; {} before the database exists."""
+    """{key: (reward, oracle, step)} of the scored candidates; {} before the database exists.
+
+    A kill can land after sqlite created the file but before the schema was written (the run's
+    resume writes it then: CREATE TABLE IF NOT EXISTS), so a file without the table is empty too.
+    """
     path = os.path.join(folder, "candidates.sqlite")
     if not os.path.exists(path):
         return {}
     conn = sqlite3.connect(path)
     try:
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'candidates'").fetchone() is None:
+            return {}
         rows = conn.execute("SELECT key, reward, oracle, step FROM candidates WHERE key IS NOT NULL").fetchall()
     finally:
         conn.close()

@@ -56,6 +56,22 @@ def test_leftover_check_sees_a_process_that_left_the_group():
             os.kill(pid, signal.SIGKILL)
 
 
+def test_snapshot_of_a_database_killed_before_its_schema(tmp_path):
+    # Database() sets WAL (which creates the file) before it writes the schema: a SIGKILL between the two
+    # left a table-less file, and the trial's snapshot raised "no such table" (a flaky ARC trial in CI).
+    import sqlite3
+    from database import Database, Row
+    path = tmp_path / "candidates.sqlite"
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.close()
+    assert path.exists() and kill_trials.db_rows(str(tmp_path)) == {}, "a table-less file is an empty database"
+    db = Database(str(path))  # what the resumed run does: the schema is written then
+    db.add([Row(key="x", completion="x", reward=0.5, source="on-policy", step=1)])
+    db.close()
+    assert kill_trials.db_rows(str(tmp_path)) == {"x": (0.5, 1, 1)}, kill_trials.db_rows(str(tmp_path))
+
+
 def test_trial_checks_catch_rescoring_loss_and_metric_gaps(tmp_path):
     # The trials pass only if their checks can fail: finish one logged run, then forge each kind of damage.
     su = kill_trials.prepare("toy", str(tmp_path / "t"))

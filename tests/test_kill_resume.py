@@ -7,6 +7,7 @@ import os
 import random
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -14,6 +15,7 @@ import time
 import pytest
 
 import kill_trials
+from database import Database, Row
 from tasks.sandbox import processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,8 +61,6 @@ def test_leftover_check_sees_a_process_that_left_the_group():
 def test_snapshot_of_a_database_killed_before_its_schema(tmp_path):
     # Database() sets WAL (which creates the file) before it writes the schema: a SIGKILL between the two
     # left a table-less file, and the trial's snapshot raised "no such table" (a flaky ARC trial in CI).
-    import sqlite3
-    from database import Database, Row
     path = tmp_path / "candidates.sqlite"
     conn = sqlite3.connect(path)
     conn.execute("PRAGMA journal_mode=WAL")

@@ -196,7 +196,7 @@ class PackedDecoder:
             if model.lm_head.weight.device.type != "cpu":
                 raise ValueError(f"{weights} decode copies are for the CPU's packed decoder; on a GPU use the "
                                  "model's dtype")
-            reason = missing_product(weights)
+            reason = missing_product(weights) or self._unfit()
             if reason:
                 raise ValueError(f"{weights} decode copies: {reason}")
         self.kernel = None  # kind of product -> the kernel the current packs were made with
@@ -223,11 +223,26 @@ class PackedDecoder:
         if not (w.device.type == "cpu" and w.dtype == torch.float32 and any(KERNELS[k].available for k in names)):
             return False
         if self._fits is None:
-            shapes = [_shape(mods) for _, mods in self._groups()]
-            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-            per = KERNELS["mkl" if self.weights == "float32" else self.weights].bytes_per_weight
-            self._fits = min(min(s) for s in shapes) >= PACK_MIN and sum(per * o * i for o, i in shapes) <= free // 2
+            self._fits = self._unfit() is None
         return self._fits
+
+    def _unfit(self) -> str | None:
+        """Why this model gets no packed copy on this machine (None where it does): weights not float32, a product
+        too narrow to gain, or no room. float32 then decodes through the modules; int8 and bfloat16 are refused
+        with this reason (__init__), since decoding in float32 under their name would be another policy than asked."""
+        dtype = self.model.lm_head.weight.dtype
+        if dtype != torch.float32:
+            return f"the model's weights are {str(dtype).removeprefix('torch.')}; the copies are made from float32 ones"
+        shapes = [_shape(mods) for _, mods in self._groups()]
+        narrowest = min(min(s) for s in shapes)
+        if narrowest < PACK_MIN:
+            return f"the model's narrowest product is {narrowest} wide, and packing needs {PACK_MIN}"
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        per = KERNELS["mkl" if self.weights == "float32" else self.weights].bytes_per_weight
+        need = sum(per * o * i for o, i in shapes)
+        if need > free // 2:
+            return f"the copy needs {need / 2**30:.1f} GiB, more than half the free memory ({free / 2**30:.1f} GiB)"
+        return None
 
     @staticmethod
     def _kind(key):

@@ -107,6 +107,7 @@ def resolve(args):
     full configuration recorded in config.json, and the task it built to read its preset and default id (handed
     on to `run`, which would otherwise build it again)."""
     from grpo import GRPOConfig as G
+    from packing import PACK_ROWS
     from search import METHODS, SearchConfig as S
     from tasks import load_task
     options = task_options(args.task_option)
@@ -121,6 +122,9 @@ def resolve(args):
         alpha = args.group_size - beta - gamma
     if min(alpha, beta, gamma) < 0 or alpha + beta + gamma < 1:
         raise UsageError(f"alpha/beta/gamma = {alpha}/{beta}/{gamma}: need non-negative counts and a group of >= 1")
+    if args.sample_weights != "float32" and alpha + beta + gamma > PACK_ROWS.stop - 1:
+        raise UsageError(f"--sample-weights {args.sample_weights} decodes at most {PACK_ROWS.stop - 1} rows at a time and "
+                         f"the group has {alpha + beta + gamma}; use a smaller group or float32")
     budget = pick(args.budget, pre.budget)
     if budget < 1:
         raise UsageError(f"--budget must be at least 1, got {budget}")
@@ -253,13 +257,19 @@ def run(cfg, *, resume=False, task=None) -> int:
         inject_lora(model, cfg["lora_r"], cfg["lora_alpha"], tuple(cfg["lora_targets"]), cfg["lora_dropout"])
         learner = Learner(model, config_of(GRPOConfig, cfg))
     try:
+        sampler = Sampler(model, tok, compile=cfg.get("compile", False), weights=cfg.get("sample_weights", "float32"))
+    except ValueError as e:  # low-precision decode copies this model or machine cannot have
+        if not resume:  # nothing has run: the same --out stays free for the command with float32
+            os.remove(os.path.join(out, "config.json"))
+        weights = cfg["sample_weights"]
+        raise UsageError(f"--sample-weights {weights}: {str(e).removeprefix(weights + ' decode copies: ')}; "
+                         "use float32") from None
+    try:
         db = Database(os.path.join(out, "candidates.sqlite"))
     except sqlite3.DatabaseError as e:
         raise UsageError(f"{out}/candidates.sqlite is not a readable database ({e}); the run cannot be resumed")
-    search = Search(config_of(SearchConfig, cfg),
-        task, tok, Sampler(model, tok, compile=cfg.get("compile", False),
-                           weights=cfg.get("sample_weights", "float32")), db, learner, seed=cfg["seed"],
-        diagnose=cfg.get("diagnostics", 0.1))
+    search = Search(config_of(SearchConfig, cfg), task, tok, sampler, db, learner, seed=cfg["seed"],
+                    diagnose=cfg.get("diagnostics", 0.1))
     elapsed = 0.0
     metrics_path = os.path.join(out, "metrics.jsonl")
     if resume and os.path.exists(ckpt_path):

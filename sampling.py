@@ -218,6 +218,9 @@ class Sampler:
         self.model, self.tok = model, tokenizer
         self.cache = None
         self.static = compile
+        if compile and weights != "float32":
+            raise ValueError(f"{weights} decode copies are the eager decoder's; a compiled decode step runs the "
+                             "model's own weights")
         self.packed = PackedDecoder(model, weights)  # "int8", "bfloat16": decode on such copies (packing.py)
         self._step = None
         if compile:
@@ -313,6 +316,10 @@ class Sampler:
         live = torch.ones(B, dtype=torch.bool)
         packed = self.packed if self.packed.available and not self.static else None
         if packed and not (B in PACK_ROWS and max_new > 1 and packed.prepare(B)):
+            if packed.weights != "float32" and max_new > 1:  # asked for on purpose: not float32 under its name
+                why = (f"they decode {PACK_ROWS.start}-{PACK_ROWS.stop - 1} rows at a time, this call has {B}"
+                       if B not in PACK_ROWS else "the weights are inference tensors, which cannot be packed")
+                raise ValueError(f"{packed.weights} decode copies: {why}")
             packed = None
         for step in range(max_new):
             # One uniform per original row, drawn whether or not the row is still in the batch: a row's

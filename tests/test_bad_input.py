@@ -88,6 +88,10 @@ BAD_INPUT = {
     "resume: truncated checkpoint.pt": (["--resume", "{truncck}"], "checkpoint.pt", r"remove|start"),
     "resume: garbage checkpoint.pt": (["--resume", "{garbck}"], "checkpoint.pt", r"remove|start"),
     "resume: corrupt candidates.sqlite": (["--resume", "{baddb}"], "candidates.sqlite", r"cannot be resumed|start"),
+    "int8 copies of a model too narrow to pack": (["--task", "toy", "--model", "tiny", "--sample-weights", "int8"],
+                                                  "--sample-weights int8", r"use float32"),
+    "int8 copies of a group over 64 rows": (["--task", "toy", "--model", "tiny", "--sample-weights", "int8",
+                                             "--group-size", "65"], "65", r"smaller group or float32"),
 }
 
 
@@ -108,6 +112,18 @@ def test_bad_input_exits_2_with_one_line(case, broken, tmp_path):
     assert re.search(fix, line), f"the line names no fix: {line}"
     if case == "unknown device":
         assert "corrupt" not in line, f"blames the model file for a bad --device: {line}"
+
+
+def test_refused_decode_copies_leave_the_run_folder_free(tmp_path):
+    # The tiny model is too narrow for packed copies, which only the loaded model can tell: the refusal comes
+    # after the run folder was made, and must not leave a config that blocks the same --out with float32.
+    out = str(tmp_path / "run")
+    r = run_cli("--task", "toy", "--model", "tiny", "--sample-weights", "int8", "--budget", "2", "--out", out)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-1500:]
+    assert not os.path.exists(os.path.join(out, "config.json"))
+    r = run_cli("--task", "toy", "--model", "tiny", "--budget", "2", "--out", out)
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert json.load(open(os.path.join(out, "config.json")))["sample_weights"] == "float32"
 
 
 # ---------------------------------------------------------------- non-finite rewards

@@ -277,6 +277,27 @@ def test_low_precision_weights_decode_close_to_float32(tiny, weights, product_er
         assert max(abs(x - y) for x, y in zip(a.logprobs[:same], b.logprobs[:same])) < 0.05
 
 
+def test_low_precision_copies_are_refused_where_they_would_not_be_used(tiny):
+    # Decoding in float32 under the name int8 would be another policy than the run's label says: each place the
+    # packed decoder steps aside (a narrow model, non-float32 weights, a compiled step, a batch over PACK_ROWS)
+    # refuses low-precision copies instead of decoding quietly in float32.
+    if not packing.KERNELS["int8"].available:
+        pytest.skip("no int8 kernel in this torch build")
+    model, tok = tiny
+    with pytest.raises(ValueError, match=f"narrowest product is {model.config.hidden_size} wide"):
+        Sampler(model, tok, weights="int8")
+    with pytest.raises(ValueError, match="weights are bfloat16"):
+        Sampler(wide().to(torch.bfloat16), tok, weights="int8")
+    with pytest.raises(ValueError, match="compiled decode step"):
+        Sampler(wide(), tok, compile=True, weights="int8")
+    sampler = Sampler(wide(), tok, weights="int8")
+    big = packing.PACK_ROWS.stop
+    with pytest.raises(ValueError, match=f"this call has {big}"):
+        sampler.generate([tok.encode("hi")], n=big, max_new_tokens=2)
+    assert len(sampler.generate([tok.encode("hi")], n=big - 1, max_new_tokens=2)) == big - 1
+    assert set(sampler.packed.kernel.values()) == {"int8"}
+
+
 @pytest.mark.parametrize("family", [dict(architectures=["Qwen2ForCausalLM"]),  # bias on q, k, v
                                     dict(architectures=["Qwen3ForCausalLM"], head_dim=48, attention_bias=True)])
 def test_packed_decoder_covers_biases_qk_norm_and_shared_prefixes(tiny, monkeypatch, family):

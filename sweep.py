@@ -92,7 +92,10 @@ def learning_table(out):
         ref_label = ("ns" if mine[0]["method"] == "migrate" and has_ns else "random-w1" if words(mine[0]) == 1
                      else "random")
         ref = {key(r): r for r in runs if r["label"] == ref_label}
-        diff = paired_ci([(rise(r), rise(ref[key(r)])) for r in mine if key(r) in ref])
+        paired = [r for r in mine if key(r) in ref]
+        # A task's seeds are not independent draws: resample whole tasks, as report.py does (it and this table
+        # must agree on what counts)
+        diff = paired_ci([(rise(r), rise(ref[key(r)])) for r in paired], groups=[r["task_id"] for r in paired])
         star = " *" if significant(diff) else ""
 
         def mean(xs):

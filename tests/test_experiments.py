@@ -306,3 +306,15 @@ def test_the_report_names_the_machine_behind_its_wall_times(done, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     line = next(l for l in (old / "results.md").read_text().splitlines() if l.startswith("Wall times measured on"))
     assert f"{where}: 5 run(s)" in line and "not recorded" in line and ": 3 run(s)" in line, line
+
+
+def test_the_sweep_table_resamples_whole_tasks_as_the_report_does():
+    # A task's seeds are not independent draws. sweep.md once resampled runs (seven, two seeds on four tasks) and
+    # starred a rise that report.py, resampling tasks, does not let count (MIN_SIGNIFICANT units): the two tables
+    # must agree on a difference's interval. Read from the committed ARC sweep.
+    import sweep
+    out = os.path.join(ROOT, "results", "sweep", "arc-qwen")
+    row = next(l for l in sweep.learning_table(out).splitlines() if l.startswith("| migrate-lr2e-4-a128 |"))
+    rep = next(l for l in open(os.path.join(out, "results.md")) if l.startswith("| migrate-lr2e-4-a128 − random |"))
+    assert rep.split("|")[2].strip() == "7", rep  # both seeds of the four tasks but e9afcf9a's second
+    assert row.split("|")[3].strip() == rep.split("|")[5].strip(), (row, rep)

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from cpu_linear import machine
 from default_model import model_path
 from model import ModelError, load_model
-from packing import KERNELS, missing_product
+from packing import KERNELS, CopyRefused, missing_product
 from sampling import Sampler
 
 PROMPT = "Write a short story about a robot who learns to paint."  # 42 tokens once chat-templated (SmolLM2)
@@ -474,9 +474,7 @@ def main():
     except ModelError as e:  # e.g. --model names no folder and no embedded model
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except ValueError as e:  # low-precision copies where they would not be used: no figures under their label
-        if "decode copies" not in str(e):
-            raise
+    except CopyRefused as e:  # low-precision copies where they would not be used: no figures under their label
         print(f"error: bench.py: {e}; leave it out", file=sys.stderr)
         sys.exit(2)
     print(json.dumps(result, indent=1))

@@ -39,6 +39,15 @@ PACK_MIN = 128  # a matrix narrower than this gains nothing from packing (tiny t
 TUNE_BYTES = 96 << 20  # weights timed when choosing a kernel: well past a last-level cache
 
 
+class CopyRefused(ValueError):
+    """Low-precision decode copies ("int8", "bfloat16") asked for where they would not be used: raised rather
+    than decode in float32 under their name. `reason` is for a caller's own one-line error (run.py, bench.py)."""
+
+    def __init__(self, weights, reason):
+        super().__init__(f"{weights} decode copies: {reason}")
+        self.weights, self.reason = weights, reason
+
+
 @dataclass
 class Kernel:
     """One library's packed product: `pack(w (out, in), bias, rows)` lays a weight out once, `mm(x (rows, in),
@@ -194,11 +203,10 @@ class PackedDecoder:
         assert self.forced is None or self.forced in KERNELS, f"unknown kernel {kernel!r}"
         if weights != "float32":  # asked for on purpose: never decode quietly in float32 instead
             if model.lm_head.weight.device.type != "cpu":
-                raise ValueError(f"{weights} decode copies are for the CPU's packed decoder; on a GPU use the "
-                                 "model's dtype")
+                raise CopyRefused(weights, "they are for the CPU's packed decoder; on a GPU use the model's dtype")
             reason = missing_product(weights) or self._unfit()
             if reason:
-                raise ValueError(f"{weights} decode copies: {reason}")
+                raise CopyRefused(weights, reason)
         self.kernel = None  # kind of product -> the kernel the current packs were made with
         self.choice = {}  # size class -> ({kind: kernel}, {kernel: {kind: seconds a step}}, rows timed)
         self._fits = None

@@ -228,6 +228,7 @@ def run(cfg, *, resume=False, task=None) -> int:
     from grpo import GRPOConfig, Learner
     from lora import inject_lora, save_adapter
     from model import load_model
+    from packing import CopyRefused
     from sampling import Sampler
     from search import METHODS, Search, SearchConfig
     from tasks import load_task
@@ -258,12 +259,10 @@ def run(cfg, *, resume=False, task=None) -> int:
         learner = Learner(model, config_of(GRPOConfig, cfg))
     try:
         sampler = Sampler(model, tok, compile=cfg.get("compile", False), weights=cfg.get("sample_weights", "float32"))
-    except ValueError as e:  # low-precision decode copies this model or machine cannot have
+    except CopyRefused as e:  # low-precision decode copies this model or machine cannot have
         if not resume:  # nothing has run: the same --out stays free for the command with float32
             os.remove(os.path.join(out, "config.json"))
-        weights = cfg["sample_weights"]
-        raise UsageError(f"--sample-weights {weights}: {str(e).removeprefix(weights + ' decode copies: ')}; "
-                         "use float32") from None
+        raise UsageError(f"--sample-weights {e.weights}: {e.reason}; use float32") from None
     try:
         db = Database(os.path.join(out, "candidates.sqlite"))
     except sqlite3.DatabaseError as e:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from packing import PACK_ROWS, PackedDecoder
+from packing import PACK_ROWS, CopyRefused, PackedDecoder
 
 SHARE_MIN = 128  # a common prefix shorter than this is not worth a separate attention pass
 CDF_BLOCK = 256  # tokens per block of the two-level inverse-CDF search (sample)
@@ -219,8 +219,7 @@ class Sampler:
         self.cache = None
         self.static = compile
         if compile and weights != "float32":
-            raise ValueError(f"{weights} decode copies are the eager decoder's; a compiled decode step runs the "
-                             "model's own weights")
+            raise CopyRefused(weights, "a compiled decode step runs the model's own weights")
         self.packed = PackedDecoder(model, weights)  # "int8", "bfloat16": decode on such copies (packing.py)
         self._step = None
         if compile:
@@ -319,7 +318,7 @@ class Sampler:
             if packed.weights != "float32" and max_new > 1:  # asked for on purpose: not float32 under its name
                 why = (f"they decode {PACK_ROWS.start}-{PACK_ROWS.stop - 1} rows at a time, this call has {B}"
                        if B not in PACK_ROWS else "the weights are inference tensors, which cannot be packed")
-                raise ValueError(f"{packed.weights} decode copies: {why}")
+                raise CopyRefused(packed.weights, why)
             packed = None
         for step in range(max_new):
             # One uniform per original row, drawn whether or not the row is still in the batch: a row's

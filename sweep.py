@@ -59,6 +59,10 @@ GRIDS = {
         # the same with a KL pull to the base policy: at 2e-4 two evaluation runs narrowed onto one program
         # (4cd1b7b2, e633a9e5 at seed 0); the coefficient that stopped Semantle's collapse, tried here first
         "migrate-lr2e-4-a128-kl0.1": ("migrate", ["--lr", "2e-4", "--lora-alpha", "128", "--kl-coef", "0.1"]),
+        # the second round, between the two (1e-4 did not raise the policy's reward, 2e-4 narrowed onto the
+        # best-so-far program in 3 of 7 runs): the geometric middle rate, and 2e-4 under a stronger pull
+        "migrate-lr1.4e-4-a128": ("migrate", ["--lr", "1.4e-4", "--lora-alpha", "128"]),
+        "migrate-lr2e-4-a128-kl0.3": ("migrate", ["--lr", "2e-4", "--lora-alpha", "128", "--kl-coef", "0.3"]),
     }),
     # plogp tunes what qed reports (README's coder-model showcase), with the coder model (the default writes no
     # SMILES). MiGrATe's 2/1/2 groups have on-policy members, so its paired reference is `random`.

@@ -285,7 +285,7 @@ def bench_step(args):
             prompt = summary["prompt_tokens"]
             with open(os.path.join(folder, "config.json")) as f:
                 cfg = json.load(f)
-        steps = [m for m in steps if m.get("train_seconds", 0) > 0]
+        steps = [m for m in steps if m.get("loss") is not None]  # trained (a skipped update takes ~0 s, not 0)
         if not steps:  # e.g. a random model: its guesses are never words, so no group ever has a reward to learn from
             print(f"error: bench.py step: the run trained no step ({summary['steps']} steps, "
                   f"{summary['oracle_calls']} of {args.budget} oracle calls, stopped on {summary['stop_reason']}); "

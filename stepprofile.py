@@ -113,7 +113,7 @@ def main():
         print(f"error: stepprofile.py: the profiled run.py exited with status {rc} (its error is above)",
               file=sys.stderr)
         sys.exit(rc)
-    trained = [s for s in timers.steps[1:] if (s["metrics"] or {}).get("train_seconds", 0) > 0]
+    trained = [s for s in timers.steps[1:] if (s["metrics"] or {}).get("loss") is not None]
     if not trained:
         print(f"error: stepprofile.py: no trained step after the first in {args.budget} oracle calls; raise "
               "--budget, or use a model whose guesses are words", file=sys.stderr)

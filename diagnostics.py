@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from shared_prompt import pad, target_logprobs
-from lora import lora_disabled, lora_modules
+from lora import lora_modules
 
-KL_CHUNK = 512  # positions whose two (V,) distributions are held at once
+KL_CHUNK = 256  # positions whose two (V,) distributions are held at once (2 x 156 MB for a 152k vocabulary)
 
 
 @torch.no_grad()
@@ -44,8 +44,7 @@ def policy_movement(learner, prompt_ids: list[int], completions: list[list[int]]
     was_training = model.training
     model.eval()
     try:
-        with lora_disabled(model):
-            logp_0, _ = learner.logprobs(prompt_ids, ids, lengths, head=keep_states)
+        logp_0 = learner.base_logprobs(prompt_ids, ids, lengths, head=keep_states)
         kl, _ = learner.logprobs(prompt_ids, ids, lengths, head=kl_head)
     finally:
         model.train(was_training)

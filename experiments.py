@@ -28,6 +28,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from report import report, task_name
+from run import parser as run_parser
 from tasks import TaskError, problem_ids, task_class
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -134,6 +135,10 @@ def main():
                         a += ["--budget", str(args.budget)] if args.budget is not None else []
                         a += ["--label", args.label] if args.label else []
                         jobs.append((run_dir(args.out, task, tid, method, seed, args.label), a))
+        changed = changed_meaning(jobs)
+        if changed:
+            print(f"error: {changed}", file=sys.stderr)
+            return 2
         threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, min(args.jobs, len(jobs))))
         jobs = [(folder, a, threads) for folder, a in jobs]
         print(f"{len(jobs)} runs, {args.jobs} at a time, {threads} thread(s) each, in {args.out}", file=sys.stderr)
@@ -150,6 +155,55 @@ def main():
               "finished ones, and the same command continues the rest", file=sys.stderr)
         return 1
     return 0
+
+
+# What a label means: every setting of a run but where it runs and what it is run on (config.json's keys).
+NOT_MEANING = {"task_id", "seed", "out", "label", "device", "diagnostics", "memory", "compile",
+               "activation_checkpointing"}
+
+
+def changed_meaning(jobs) -> str | None:
+    """A label already in the folder is another setting than this command would run under it (a preset's default
+    changed since, say): the runs in git keep what their label meant, so say which value differs and stop. One
+    `run.py --dry-run` per task and label decides; None when every label keeps its meaning."""
+    import json
+    done = {}  # (task, label) -> (folder, config.json) of a run already in the folder
+    for folder, _ in jobs:
+        runs = os.path.dirname(folder)
+        for d in sorted(os.listdir(runs)) if os.path.isdir(runs) else []:
+            path = os.path.join(runs, d, "config.json")
+            if os.path.exists(path):
+                with open(path) as f:
+                    cfg = json.load(f)
+                done.setdefault((task_name(cfg["task"]), cfg.get("label") or cfg["method"]), (d, cfg))
+        break  # every job shares the folder
+    asked = set()
+    for folder, a in jobs:
+        task = task_name(a[a.index("--task") + 1])
+        label = a[a.index("--label") + 1] if "--label" in a else a[a.index("--method") + 1]
+        if (task, label) not in done or (task, label) in asked or os.path.exists(os.path.join(folder, "config.json")):
+            continue
+        asked.add((task, label))
+        r = subprocess.run([sys.executable, "run.py", *a, "--dry-run"], cwd=HERE, capture_output=True, text=True)
+        if r.returncode:  # the launch would fail the same way; let it say so there
+            continue
+        new, (where, old) = json.loads(r.stdout)["config"], done[(task, label)]
+        flags = {action.dest for action in run_parser()._actions}
+        for key in sorted(set(new) & set(old) - NOT_MEANING):
+            if _norm(key, old[key]) != _norm(key, new[key]):
+                keep = f", or pass -- --{key.replace('_', '-')} {_norm(key, old[key])} to keep what the label means" \
+                    if key in flags else ""
+                return (f"label '{label}' ran {task} with {key} = {_norm(key, old[key])!r} (e.g. runs/{where}), and "
+                        f"this command would run it with {_norm(key, new[key])!r} (a default changed since?): give "
+                        f"the new setting another --label{keep}")
+    return None
+
+
+def _norm(key, value):
+    """config.json values that mean the same: the default model written as None by older runs; lists and tuples."""
+    if key == "model" and value in (None, "default"):
+        return "smollm2-135m"
+    return list(value) if isinstance(value, tuple) else value
 
 
 def write_report(args, specs):

@@ -26,7 +26,7 @@ import torch
 from cpu_linear import frozen_products
 from lora import lora_disabled, lora_parameters
 from sampling import Rollout
-from shared_prompt import completion_logprobs, pad
+from shared_prompt import completion_logprobs, pad, prompt_states
 from tasks import Preset
 
 SOURCES = ("on-policy", "greedy", "neighbour")  # a member's role in its group (database.SOURCES: where a
@@ -145,6 +145,7 @@ class Learner:
         assert self.params, "the learner trains LoRA adapters: inject them first"
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_factor(cfg))
+        self._base_prompt = None  # (prompt ids, the base policy's prompt pass): it never changes during a run
 
     def step(self, prompt_ids: list[int], members: list[Rollout]) -> dict:
         """Train on one group for mu inner epochs. Returns statistics for metrics.jsonl."""
@@ -168,8 +169,7 @@ class Learner:
         gen, is_ns = self._behaviour_logprobs(rows, ids.shape[1], dev)
         ref = None
         if cfg.kl_coef > 0:
-            with torch.no_grad(), lora_disabled(self.model):
-                ref = self.logprobs(prompt_ids, ids, lengths)[0]
+            ref = self.base_logprobs(prompt_ids, ids, lengths)
         per_row = dict(mask=mask, adv=adv[keep].to(dev), gen_logp=gen, is_ns=is_ns, ref_logp=ref)
         # n_seqs: the whole group, as the reference (a masked zero-reward member adds 0 but counts)
         loss_fn = partial(grpo_loss, cfg=cfg, n_seqs=len(members), n_tokens=int(mask.sum()))
@@ -200,6 +200,18 @@ class Learner:
         with frozen_products(LEARNER_DTYPES[self.cfg.learner_dtype]):
             return completion_logprobs(self.model, prompt_ids, ids, lengths, loss_fn, per_row, head,
                                        self.cfg.tokens_per_microbatch, self.cfg.activation_checkpointing)
+
+    @torch.no_grad()
+    def base_logprobs(self, prompt_ids, ids, lengths, head=None):
+        """`logprobs` under the base policy (LoRA off: the KL pull's reference, the diagnostics' pi_0), with the
+        prompt's pass made once per run and reused: the base policy's prompt states never change, and an ARC prompt
+        is thousands of tokens."""
+        with lora_disabled(self.model), frozen_products(LEARNER_DTYPES[self.cfg.learner_dtype]):
+            if self._base_prompt is None or self._base_prompt[0] != list(prompt_ids):
+                self._base_prompt = (list(prompt_ids), prompt_states(self.model, prompt_ids))
+            return completion_logprobs(self.model, prompt_ids, ids, lengths, head=head,
+                                       tokens_per_microbatch=self.cfg.tokens_per_microbatch,
+                                       states=self._base_prompt[1])[0]
 
     def _behaviour_logprobs(self, rows, T, dev):
         """(N, T) sampler log-probs of NS members under their NS prompt, and which rows are NS; or Nones."""

@@ -195,10 +195,11 @@ class PackedDecoder:
     weights: "float32" (the model's own numbers; the kernel chosen by measurement, or forced with `kernel`)
     or "int8" or "bfloat16" (opt-in: other numbers, README)."""
 
-    def __init__(self, model, weights="float32", kernel=None):
+    def __init__(self, model, weights="float32", kernel=None, room=None):
         assert weights in ("float32", "int8", "bfloat16"), \
             f"packed weights are float32, int8 or bfloat16, not {weights!r}"
         self.model, self.weights, self.rows, self.packs = model, weights, None, {}
+        self.room = room  # bytes a run's memory plan (plan.py) gives the copies; None: half the free memory
         self.forced = kernel if weights == "float32" else weights
         assert self.forced is None or self.forced in KERNELS, f"unknown kernel {kernel!r}"
         if weights != "float32":  # asked for on purpose: never decode quietly in float32 instead
@@ -245,12 +246,19 @@ class PackedDecoder:
         narrowest = min(min(s) for s in shapes)
         if narrowest < PACK_MIN:
             return f"the model's narrowest product is {narrowest} wide, and packing needs {PACK_MIN}"
+        need = self.copy_bytes()
+        if self.room is not None:
+            return None if need <= self.room else \
+                f"the copy needs {need / 1e9:.1f} GB and the run's memory plan leaves {self.room / 1e9:.1f} GB"
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        per = KERNELS["mkl" if self.weights == "float32" else self.weights].bytes_per_weight
-        need = sum(per * o * i for o, i in shapes)
         if need > free // 2:
             return f"the copy needs {need / 2**30:.1f} GiB, more than half the free memory ({free / 2**30:.1f} GiB)"
         return None
+
+    def copy_bytes(self) -> int:
+        """What the copies of every product take (the model's weights but the input embedding, in their dtype)."""
+        per = KERNELS["mkl" if self.weights == "float32" else self.weights].bytes_per_weight
+        return sum(per * o * i for o, i in (_shape(mods) for _, mods in self._groups()))
 
     @staticmethod
     def _kind(key):

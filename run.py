@@ -1,8 +1,9 @@
 """The command line: search one black-box problem with MiGrATe or a baseline, in a resumable run folder.
 
-    python run.py --task arc --task-id 0a1d4ef5            # the main job, default model, CPU budget
+    python run.py --task arc --task-id 6150a2bd            # the main job: the task's model, the cpu preset
     python run.py --task toy --model tiny                   # the whole loop in seconds
-    python run.py --resume runs/arc-0a1d4ef5-migrate-s0     # continue a stopped run
+    python run.py --task arc --dry-run                      # the resolved settings and where each comes from
+    python run.py --resume runs/arc-6150a2bd-migrate-s0     # continue a stopped run
 
 Run folder: config.json (resolved flags), metrics.jsonl (one line per step), candidates.sqlite (every
 scored candidate), checkpoint.pt (adapter, optimiser, RNG and search state of the last completed step,
@@ -11,6 +12,7 @@ Bad input gets one line on stderr and exit status 2.
 """
 import argparse
 import json
+import math
 import os
 import sqlite3
 import sys
@@ -60,6 +62,9 @@ def parser():
                    help="the CPU decoder's weight copies: float32 (the policy itself), bfloat16 or int8 (faster, "
                         "but a slightly different policy: int8 0.07-0.25 nats/token KL for SmolLM2, bfloat16 far "
                         "less; see README)")
+    g.add_argument("--memory", type=float, default=None, metavar="GB",
+                   help="the most memory the run may plan for (default: what this machine has available); a run "
+                        "that cannot fit is refused before anything is fetched")
     g.add_argument("--compile", action="store_true",
                    help="compile the one-token decode step over a fixed-shape cache (CUDA graphs on a GPU)")
     g = p.add_argument_group("learner (GRPO on LoRA adapters)")
@@ -87,14 +92,17 @@ def parser():
     g.add_argument("--learner-dtype", default="float32", choices=["float32", "bfloat16"],
                    help="what the learner multiplies the frozen weights in: bfloat16 is faster on CPUs with "
                         "bfloat16 instructions (AVX512-BF16, AMX) but changes the numbers slightly (README)")
-    g.add_argument("--diagnostics", type=float, default=0.1, metavar="SHARE",
+    g.add_argument("--diagnostics", type=float, default=None, metavar="SHARE",
                    help="the most of the run's time the learning diagnostics of trained steps may take (KL to the "
                         "base policy, log-prob of the best answer, adapter norm; they change nothing but cost a "
-                        "forward pass of the group): 1 runs them on every step, 0 never")
+                        "forward pass of the group): 1 runs them on every step, 0 never (default: preset)")
     g = p.add_argument_group("run folder")
     g.add_argument("--out", default=None, help="run folder (default: runs/<task>-<id>-<method>-s<seed>)")
     g.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a stopped run from its folder")
     g.add_argument("--label", default=None, help="a name for this variant, kept in config.json (experiments.py)")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print the resolved configuration as JSON (each value with where it comes from) and exit, "
+                        "without loading a model or fetching anything")
     return p
 
 
@@ -103,29 +111,39 @@ class UsageError(Exception):
 
 
 def resolve(args):
-    """Flags + the task's preset (+ the learner's and the search's own defaults, for flags no preset sets) -> the
-    full configuration recorded in config.json, and the task it built to read its preset and default id (handed
-    on to `run`, which would otherwise build it again)."""
+    """Flags + the task's preset for this model and method (+ the learner's and the search's own defaults, for
+    flags no preset sets) -> the full configuration recorded in config.json, where each value comes from, and the
+    task it built to read its preset and default id (handed on to `run`, which would otherwise build it again)."""
     from grpo import GRPOConfig as G
     from packing import PACK_ROWS
     from search import METHODS, SearchConfig as S
     from tasks import load_task
     options = task_options(args.task_option)
     task = load_task(args.task, args.task_id, seed=args.seed, options=options)
-    preset = args.preset or ("cpu" if args.device == "cpu" else "paper")
-    pre = task.preset.named(preset)
     if args.method not in METHODS:
         raise UsageError(f"unknown method '{args.method}'; choose from {', '.join(METHODS)}")
-    pick = lambda flag, default: default if flag is None else flag  # a flag given as 0 still counts
-    alpha, beta, gamma = pick(args.alpha, pre.alpha), pick(args.beta, pre.beta), pick(args.gamma, pre.gamma)
+    preset = args.preset or ("cpu" if args.device == "cpu" else "paper")
+    model = args.model or task.model  # each task names the embedded model that can serve it
+    pre, preset_sources = task.preset.resolved(preset, model, args.method)
+    sources = {}
+
+    def pick(name, default, source):  # a flag given (even as 0) wins over the default
+        flag = getattr(args, name)
+        sources[name] = source if flag is None else f"--{name.replace('_', '-')}"
+        return default if flag is None else flag
+
+    def preset_value(name):
+        return pick(name, getattr(pre, name), f"{preset} preset: {preset_sources[name]}")
+
+    alpha, beta, gamma = preset_value("alpha"), preset_value("beta"), preset_value("gamma")
     if args.group_size is not None:
-        alpha = args.group_size - beta - gamma
+        alpha, sources["alpha"] = args.group_size - beta - gamma, "--group-size minus beta and gamma"
     if min(alpha, beta, gamma) < 0 or alpha + beta + gamma < 1:
         raise UsageError(f"alpha/beta/gamma = {alpha}/{beta}/{gamma}: need non-negative counts and a group of >= 1")
     if args.sample_weights != "float32" and alpha + beta + gamma > PACK_ROWS.stop - 1:
         raise UsageError(f"--sample-weights {args.sample_weights} decodes at most {PACK_ROWS.stop - 1} rows at a time and "
                          f"the group has {alpha + beta + gamma}; use a smaller group or float32")
-    budget = pick(args.budget, pre.budget)
+    budget = preset_value("budget")
     if budget < 1:
         raise UsageError(f"--budget must be at least 1, got {budget}")
     for name in ("max_new_tokens", "mu", "lora_r"):
@@ -134,29 +152,41 @@ def resolve(args):
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
     if args.lr is not None and args.lr < 0:
         raise UsageError(f"--lr must be non-negative, got {args.lr}")
+    if args.memory is not None and args.memory <= 0:
+        raise UsageError(f"--memory is in GB and must be positive, got {args.memory}")
     baseline = METHODS[args.method][3]  # inference-only baselines have their own anchor and list sizes
-    mu = pick(args.mu, pre.mu)
+    mu = preset_value("mu")
+    anchor, listed = ("ns_baseline_k", "opro_baseline_k") if baseline else ("top_k_anchor", "opro_k")
+    sources.update(top_k_anchor=f"{preset} preset ({anchor}): {preset_sources[anchor]}",
+                   opro_k=f"{preset} preset ({listed}): {preset_sources[listed]}",
+                   baseline_alpha=f"{preset} preset: {preset_sources['baseline_alpha']}",
+                   warmup_ratio=f"{preset} preset: {preset_sources['warmup_ratio']}",
+                   planned_steps=f"{preset} preset: steps x mu ({preset_sources['steps']})",
+                   model="--model" if args.model else f"the task's model ({args.task})")
     cfg = dict(task=args.task, task_id=task.task_id, task_options=options, seed=args.seed, method=args.method,
                preset=preset, budget=budget,
                alpha=alpha, beta=beta, gamma=gamma, baseline_alpha=pre.baseline_alpha,
-               max_new_tokens=pick(args.max_new_tokens, pre.max_new_tokens),
-               temperature=pick(args.temperature, pre.temperature),
-               top_k_anchor=pre.ns_baseline_k if baseline else pre.top_k_anchor,
-               opro_k=pre.opro_baseline_k if baseline else pre.opro_k, patience=pick(args.patience, S.patience),
-               failed=pick(args.failed, pre.failed), repeats=pick(args.repeats, pre.repeats),
-               model=args.model, device=args.device, dtype=args.dtype,
-               lr=pick(args.lr, pre.lr), lr_schedule=pick(args.lr_schedule, pre.lr_schedule),
+               max_new_tokens=preset_value("max_new_tokens"), temperature=preset_value("temperature"),
+               top_k_anchor=getattr(pre, anchor), opro_k=getattr(pre, listed),
+               patience=pick("patience", S.patience, "SearchConfig"),
+               failed=preset_value("failed"), repeats=preset_value("repeats"),
+               model=model, device=args.device, dtype=args.dtype,
+               lr=preset_value("lr"), lr_schedule=preset_value("lr_schedule"),
                warmup_ratio=pre.warmup_ratio, planned_steps=pre.steps * mu,
-               weight_decay=pick(args.weight_decay, pre.weight_decay),
-               lora_r=pick(args.lora_r, pre.lora_r), lora_alpha=pick(args.lora_alpha, pre.lora_alpha),
+               weight_decay=preset_value("weight_decay"),
+               lora_r=preset_value("lora_r"), lora_alpha=preset_value("lora_alpha"),
                lora_targets=args.lora_targets.split(","), lora_dropout=args.lora_dropout, mu=mu,
-               norm=pick(args.norm, G.norm), scale_std=args.scale_std, mask_zero_reward=not args.no_zero_mask,
-               kl_coef=pick(args.kl_coef, G.kl_coef), offpolicy=pick(args.offpolicy, G.offpolicy),
-               max_grad_norm=pick(args.max_grad_norm, G.max_grad_norm),
+               norm=pick("norm", G.norm, "GRPOConfig"), scale_std=args.scale_std,
+               mask_zero_reward=not args.no_zero_mask,
+               kl_coef=preset_value("kl_coef"), offpolicy=pick("offpolicy", G.offpolicy, "GRPOConfig"),
+               max_grad_norm=pick("max_grad_norm", G.max_grad_norm, "GRPOConfig"),
                activation_checkpointing=args.activation_checkpointing, learner_dtype=args.learner_dtype,
                label=args.label, compile=args.compile,
-               sample_weights=args.sample_weights,
-               diagnostics=args.diagnostics)
+               sample_weights=args.sample_weights, memory=args.memory,
+               diagnostics=preset_value("diagnostics"))
+    if args.learner_dtype != "float32" and args.dtype != "float32":
+        raise UsageError(f"--learner-dtype {args.learner_dtype} needs float32 weights; with --dtype {args.dtype} "
+                         "the learner already multiplies in that dtype")
     if args.sample_weights != "float32" and args.device != "cpu":
         raise UsageError(f"--sample-weights {args.sample_weights} makes copies for the CPU's packed decoder; on a "
                          "GPU use --dtype")
@@ -166,14 +196,18 @@ def resolve(args):
             reason = missing_product(which)
             if reason:  # they exist only to be faster: say so, not run slower or fail later
                 raise UsageError(f"{flag} {which}: {reason}; use float32")
-    if args.learner_dtype != "float32" and args.dtype != "float32":
-        raise UsageError(f"--learner-dtype {args.learner_dtype} needs float32 weights; with --dtype {args.dtype} "
-                         "the learner already multiplies in that dtype")
     if not (args.device == "cpu" or args.device.startswith("cuda")):
         raise UsageError(f"unknown device '{args.device}'; use cpu or cuda (cuda:N for one GPU)")
     cfg["out"] = args.out or os.path.join("runs", f"{args.task}-{task.task_id}-{args.method}-s{args.seed}"
                                           .replace(":", "_").replace("/", "_"))
-    return cfg, task
+    sources.update(task_id="--task-id" if args.task_id else "the task's default problem",
+                   mask_zero_reward="--no-zero-mask" if args.no_zero_mask else "GRPOConfig",
+                   out="--out" if args.out else "runs/<task>-<id>-<method>-s<seed>")
+    defaults = parser()
+    for key in cfg:  # the rest are flags, given or at their defaults
+        given = key in vars(args) and getattr(args, key) != defaults.get_default(key)
+        sources.setdefault(key, f"--{key.replace('_', '-')}" if given else "run.py's default")
+    return cfg, task, sources
 
 
 def config_of(cls, cfg: dict):
@@ -229,6 +263,7 @@ def run(cfg, *, resume=False, task=None) -> int:
     from lora import inject_lora, save_adapter
     from model import load_model
     from packing import CopyRefused
+    from plan import expected, measure, minutes, step_seconds
     from sampling import Sampler
     from search import METHODS, Search, SearchConfig
     from tasks import load_task
@@ -252,17 +287,32 @@ def run(cfg, *, resume=False, task=None) -> int:
         task = load_task(cfg["task"], cfg["task_id"], seed=cfg["seed"], options=cfg.get("task_options"))
     torch.manual_seed(cfg["seed"])  # LoRA's A matrices
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg["dtype"]]
+    trains = METHODS[cfg["method"]][2]
+    try:
+        memory_plan(cfg, task, None, trains)  # before anything is fetched: the prompt's length estimated
+    except UsageError:
+        if not resume:  # nothing has run: the same --out stays free
+            os.remove(os.path.join(out, "config.json"))
+        raise
     model, tok = load_model(model_path(cfg["model"]), device=cfg["device"], dtype=dtype)
     learner = None
-    if METHODS[cfg["method"]][2]:
+    if trains:
         inject_lora(model, cfg["lora_r"], cfg["lora_alpha"], tuple(cfg["lora_targets"]), cfg["lora_dropout"])
         learner = Learner(model, config_of(GRPOConfig, cfg))
+    prompt_ids = tok.encode(tok.apply_chat_template(task.prompt()) + task.answer_prefix)
+    plan = memory_plan(cfg, task, len(prompt_ids), trains)
     try:
-        sampler = Sampler(model, tok, compile=cfg.get("compile", False), weights=cfg.get("sample_weights", "float32"))
+        sampler = Sampler(model, tok, compile=cfg.get("compile", False), weights=cfg.get("sample_weights", "float32"),
+                          copies_room=plan.copies if plan else None)
     except CopyRefused as e:  # low-precision decode copies this model or machine cannot have
         if not resume:  # nothing has run: the same --out stays free for the command with float32
             os.remove(os.path.join(out, "config.json"))
         raise UsageError(f"--sample-weights {e.weights}: {e.reason}; use float32") from None
+    if plan:  # how the learner and the sampler fit the memory (none of it changes what a run computes)
+        sampler.free_copies = not plan.copies_while_learning
+        if learner:
+            learner.cfg.activation_checkpointing |= plan.checkpointing
+            learner.cfg.tokens_per_microbatch = plan.tokens_per_microbatch
     try:
         db = Database(os.path.join(out, "candidates.sqlite"))
     except sqlite3.DatabaseError as e:
@@ -289,11 +339,25 @@ def run(cfg, *, resume=False, task=None) -> int:
     else:
         keep_metrics(metrics_path, 0)
         search.warm_start()
-    print(f"{cfg['task']} {task.task_id} | {cfg['method']} | prompt {len(search.task_prompt)} tokens | "
-          f"budget {cfg['budget']} oracle calls | run folder {out}", file=sys.stderr)
+    rates = measure(model, sampler, search.task_prompt, search.alpha + search.gamma + search.beta)
+    rows = search.alpha + search.gamma  # sampled a step: each may be a new candidate
+    per_step = step_seconds(rates, prompt_tokens=len(search.task_prompt), rows=rows + search.beta,
+                            max_new_tokens=cfg["max_new_tokens"], trains=trains,
+                            checkpointing=bool(learner and learner.cfg.activation_checkpointing),
+                            diagnostics=cfg.get("diagnostics", 0.1), kl_pull=cfg.get("kl_coef", 0) > 0)
+    steps_left = search.calls_left / max(1, rows)
+    print(f"{cfg['task']} {task.task_id} | {cfg['method']} | model {model_name(cfg['model'])} | prompt "
+          f"{len(search.task_prompt)} tokens | budget {cfg['budget']} oracle calls ({search.calls_left} left) | "
+          f"run folder {out}\n{plan.describe() if plan else 'memory: not planned on a GPU'}\n"
+          f"expected: about {expected(steps_left, per_step)} for about {math.ceil(steps_left)} steps, from this "
+          f"machine's prompt pass ({1 / rates.prompt_token:.0f} tokens/s) and decoding ({rows + search.beta} rows at "
+          f"{1 / max(rates.decode_step, 1e-9):.1f} steps/s), completions of {cfg['max_new_tokens'] // 4}-"
+          f"{cfg['max_new_tokens']} tokens", file=sys.stderr)
     t_start = time.time() - elapsed
+    history = read_metrics(metrics_path) if os.path.exists(metrics_path) else []
     while (reason := search.done()) is None:
         m = search.step()
+        history.append(m)
         with open(metrics_path, "a") as f:
             f.write(json.dumps(m) + "\n")
         state = {"search": search.state(), "elapsed": time.time() - t_start, "torch_rng": torch.get_rng_state()}
@@ -304,7 +368,7 @@ def run(cfg, *, resume=False, task=None) -> int:
             save_adapter(model, os.path.join(out, "adapter"), base_model=cfg["model"])
         torch.save(state, ckpt_path + ".tmp")
         os.replace(ckpt_path + ".tmp", ckpt_path)  # the step is complete once this rename lands
-        progress(m, cfg["budget"])
+        progress(m, cfg["budget"], time_left(history, search.calls_left))
     if learner and search.step_idx:
         # A kill between the adapter's save and the checkpoint's rename leaves an adapter one step ahead of the
         # checkpoint; if that step spent the budget, the resumed loop takes no step to overwrite it. The final
@@ -315,9 +379,10 @@ def run(cfg, *, resume=False, task=None) -> int:
     plot(db.curve(), read_metrics(metrics_path), os.path.join(out, "reward_curve.png"),
          f"{cfg['task']} {task.task_id} ({cfg['method']})")
     print(f"\n{reason}: best reward {summary['best_reward']} after {summary['oracle_calls']} oracle calls, "
-          f"{summary['steps']} steps, {summary['wall_seconds']:.0f} s; solved: {summary['solved']}\n"
-          f"final: {json.dumps(summary['final'])}\n{task.describe(summary['final'])}\n"
-          f"plot: {os.path.join(out, 'reward_curve.png')}", file=sys.stderr)
+          f"{summary['steps']} steps, {minutes(summary['wall_seconds'])}; solved: {summary['solved']}\n"
+          f"{task.describe(summary['final'])}\n"
+          + "\n".join(what_learned(cfg, read_metrics(metrics_path)) + what_next(cfg, summary))
+          + f"\nplot: {os.path.join(out, 'reward_curve.png')}; everything in {out}/summary.json", file=sys.stderr)
     task.close()
     db.close()
     return 0
@@ -334,12 +399,112 @@ def keep_metrics(path, last_step):
     os.replace(path + ".tmp", path)
 
 
-def progress(m, budget):
+def progress(m, budget, left):
     best = "-" if m["best_reward"] is None else f"{m['best_reward']:.3f}"
     line = (f"step {m['step']:4d} | calls {m['oracle_calls']:5d}/{budget} | best {best} | "
-            f"group mean {m['group_reward_mean'] or 0:.3f} | {m['seconds']:.1f} s")
+            f"group mean {m['group_reward_mean'] or 0:.3f} | {m['seconds']:.1f} s | {left}")
     end = "\r" if sys.stderr.isatty() else "\n"
     print(line, end=end, file=sys.stderr, flush=True)
+
+
+def what_learned(cfg, metrics) -> list[str]:
+    """In plain words, whether training moved the policy and toward what (the learning diagnostics)."""
+    from search import METHODS
+    if not METHODS[cfg["method"]][2] or not metrics:
+        return []
+    trained = [m for m in metrics if m.get("loss") is not None]
+    if not trained:
+        return ["Nothing was trained: no group had a spread of rewards (every member of every group scored the same), "
+                "so the policy did not move."]
+    kl = [(m["step"], m["kl"]) for m in metrics if m.get("kl") is not None]
+    onp = [m["on_policy_reward"] for m in metrics if m.get("on_policy_reward") is not None]
+    line = f"Training updated the policy on {len(trained)} of {len(metrics)} steps"
+    if kl:
+        line += (f": KL to the base model {', '.join(f'{v:.3f} (step {s})' for s, v in kl[-3:])} nats a token")
+    if len(onp) > 1:
+        line += f"; the mean reward of its own samples went {onp[0]:.3f} -> {onp[-1]:.3f} (first step -> last)"
+    repeats = metrics[-1].get("repeat_share")
+    if repeats:
+        line += f"; {repeats:.0%} of the last step's samples only repeated known answers"
+    return [line + "."]
+
+
+def what_next(cfg, summary) -> list[str]:
+    """What to run next: the untrained baseline on the same problem and seed, then several seeds, paired."""
+    task, tid, seed = cfg["task"], summary["task_id"], cfg["seed"]
+    other = "random" if cfg["method"] != "random" else "migrate"
+    methods = " ".join(dict.fromkeys(["random", cfg["method"], "migrate"] if other == "migrate" else
+                                     ["random", cfg["method"]]))
+    model = f" -- --model {cfg['model']}" if cfg["model"] not in (None, "default") and cfg["model"] != _task_model(
+        task) else ""
+    return [f"Next: the same problem {'untrained' if other == 'random' else 'with MiGrATe'}, on this seed: "
+            f"python run.py --task {task} --task-id {tid} --method {other} --seed {seed}"
+            + (f" --model {cfg['model']}" if model else ""),
+            f"      several seeds, paired: python experiments.py --tasks {task}:{tid} --methods {methods} "
+            f"--seeds 0 1 2 --out experiments/{task}{model}"]
+
+
+def _task_model(task):
+    from tasks import task_class
+    return task_class(task).model
+
+
+def time_left(history, calls_left) -> str:
+    """The time left, from the steps so far: their mean seconds, times the steps the calls left take at their
+    mean new calls a step."""
+    from plan import minutes
+    if calls_left <= 0:
+        return "done"
+    calls = sum(m["new_calls"] for m in history)
+    if not calls:
+        return "time left unknown (no new candidate yet)"
+    seconds = sum(m["seconds"] for m in history) / len(history) * math.ceil(calls_left * len(history) / calls)
+    return f"about {minutes(seconds)} left"
+
+
+def model_name(model) -> str:
+    from default_model import DEFAULT
+    return DEFAULT if model in (None, "default") else model
+
+
+def memory_plan(cfg, task, prompt_tokens, trains):
+    """The run's memory plan on a CPU (plan.py), or None (a GPU; a folder without config.json). Before the model
+    is fetched `prompt_tokens` is None and the prompt's characters stand in for its tokens (a digit is a token for
+    Qwen's tokenizer; every other tokenizer here is coarser). Refuses a run that cannot fit, naming a model that
+    can."""
+    from default_model import EMBEDDED, model_config
+    from packing import KERNELS, PACK_MIN
+    from plan import DoesNotFit, available_memory, plan_memory
+    mcfg = model_config(cfg["model"])
+    if cfg["device"] != "cpu" or mcfg is None:
+        return None
+
+    def plan_for(mc, copies=True):
+        per = KERNELS["mkl" if cfg["sample_weights"] == "float32" else cfg["sample_weights"]].bytes_per_weight
+        wide = min(mc.hidden_size, mc.num_key_value_heads * mc.head_dim) >= PACK_MIN and cfg["dtype"] == "float32"
+        from plan import parameters
+        products = parameters(mc) - mc.vocab_size * mc.hidden_size * (not mc.tie_word_embeddings)
+        tokens = prompt_tokens or len(task.answer_prefix) + sum(len(m["content"]) for m in task.prompt()) + 32
+        room = available_memory() if cfg.get("memory") is None else min(available_memory(), cfg["memory"] * 1e9)
+        return plan_memory(mc, prompt_tokens=tokens, rows=cfg["alpha"] + cfg["beta"] + cfg["gamma"], available=int(room),
+                           max_new_tokens=cfg["max_new_tokens"], lora_r=cfg["lora_r"], trains=trains,
+                           copies_bytes=products * per if (copies and wide and not cfg.get("compile")) else 0,
+                           checkpointing=cfg.get("activation_checkpointing", False))
+    try:
+        return plan_for(mcfg)
+    except DoesNotFit as e:
+        name, where = model_name(cfg["model"]), "the --memory limit" if cfg.get("memory") else "this machine"
+        smaller = []
+        for other, entry in EMBEDDED.items():
+            try:
+                fit = plan_for(model_config(other))
+            except DoesNotFit:
+                continue
+            if other != name:
+                smaller.append(f"--model {other} fits (about {fit.peak / 1e9:.1f} GB; it serves {entry.can})")
+        raise UsageError(f"{name} needs about {e.args[0] / 1e9:.1f} GB of memory for this run and {where} has "
+                         f"{e.args[1] / 1e9:.1f} GB available; "
+                         + (" or ".join(smaller) if smaller else "no embedded model fits")) from None
 
 
 def summarise(cfg, task, db, search, reason, wall):
@@ -439,7 +604,7 @@ def run_many(args) -> int:
         if os.path.exists(os.path.join(one.out, "config.json")):
             run(read_config(one.out), resume=True)
         else:
-            cfg, task = resolve(one)
+            cfg, task, _ = resolve(one)
             run(cfg, task=task)
     if world > 1:
         dist.barrier()
@@ -471,7 +636,19 @@ def main(argv=None):
         if args.resume:
             cfg = read_config(args.resume)
             return run(cfg, resume=True)
-        cfg, task = resolve(args)
+        cfg, task, sources = resolve(args)
+        if args.dry_run:
+            from default_model import describe_model
+            from search import METHODS
+            task.close()
+            try:
+                memory = memory_plan(cfg, task, None, METHODS[cfg["method"]][2])
+                memory = memory.describe() if memory else "not planned on a GPU"
+            except UsageError as e:
+                memory = f"refused: {e}"
+            print(json.dumps({"config": cfg, "sources": sources, "model": describe_model(cfg["model"]),
+                              "memory": memory}, indent=1))
+            return 0
         return run(cfg, task=task)
     except (UsageError, TaskError, ModelError) as e:
         print(f"error: {e}", file=sys.stderr)

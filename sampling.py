@@ -214,13 +214,17 @@ class Sampler:
     and keeps finished rows. On a CPU eager decoding is faster (compiling SmolLM2 takes ~2 minutes there and
     its steps ran slower), so it is off by default; the static path itself is tested on CPU."""
 
-    def __init__(self, model, tokenizer, compile=False, weights="float32"):
+    def __init__(self, model, tokenizer, compile=False, weights="float32", copies_room=None):
         self.model, self.tok = model, tokenizer
+        # Free the decode copies when a call returns (rebuilt at the next: a few seconds for a 1.5B model), so the
+        # learner's memory and theirs are never taken at once (plan.py decides).
+        self.free_copies = False
         self.cache = None
         self.static = compile
         if compile and weights != "float32":
             raise CopyRefused(weights, "a compiled decode step runs the model's own weights")
-        self.packed = PackedDecoder(model, weights)  # "int8", "bfloat16": decode on such copies (packing.py)
+        # "int8", "bfloat16": decode on such copies (packing.py); copies_room: the bytes a memory plan gives them
+        self.packed = PackedDecoder(model, weights, room=copies_room)
         self._step = None
         if compile:
             mode = "reduce-overhead" if model.lm_head.weight.device.type == "cuda" else "default"
@@ -271,6 +275,8 @@ class Sampler:
                                   stop_when, on_finish, stops, generator, device, dtype)
         finally:
             model.train(was_training)
+            if self.free_copies:
+                self.packed.release()
 
     def _generate(self, prompts, counts, max_new, temperature, top_p, top_k, stop_strings, stop_when, on_finish,
                   stops, gen, device, dtype):

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-LOGITS_BYTES_KEPT = 1 << 30  # above this, a micro-batch's logits are recomputed in backward instead of kept
+LOGITS_BYTES = 1 << 27  # float32 logits (positions x vocabulary) computed at once: 128 MiB, ~220 positions of
+#                        a 152k vocabulary; under autograd each such chunk is recomputed in backward, not kept
 
 
 class PromptRecorder:
@@ -47,10 +48,33 @@ def _layer_checkpoint(layer, x, cos, sin, cache, attn_mask):
 
 
 def target_logprobs(model, h, targets):
-    """log p(targets) (rows, T) from hidden states (rows, T, C). Cross-entropy fuses log-softmax and the
-    gather, and its backward (softmax - one-hot) needs no (rows, T, V) scatter of zeros."""
-    logits = model.logits(h).float()
-    return -F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+    """log p(targets) (rows, T) from hidden states (rows, T, C), a chunk of positions at a time so that no more
+    than LOGITS_BYTES of logits exist at once (a group of 16 x 300 tokens has 2.9 GB of them for a 152k
+    vocabulary); under autograd a chunk's logits are recomputed in its backward rather than kept."""
+    flat_h, flat_t = h.flatten(0, 1), targets.flatten()  # (rows*T, C), (rows*T,)
+    n = max(1, LOGITS_BYTES // (4 * model.config.vocab_size))
+    if flat_h.shape[0] <= n:
+        return _logprobs(model, flat_h, flat_t).view(targets.shape)
+    keep_graph = torch.is_grad_enabled() and flat_h.requires_grad
+    parts = [checkpoint(_logprobs, model, flat_h[i:i + n], flat_t[i:i + n], use_reentrant=False) if keep_graph
+             else _logprobs(model, flat_h[i:i + n], flat_t[i:i + n]) for i in range(0, flat_h.shape[0], n)]
+    return torch.cat(parts).view(targets.shape)
+
+
+def _logprobs(model, h, targets):
+    """(P, C) hidden states, (P,) targets -> (P,) log-probs. Cross-entropy fuses log-softmax and the gather, and its
+    backward (softmax - one-hot) needs no (P, V) scatter of zeros."""
+    return -F.cross_entropy(model.logits(h).float(), targets, reduction="none")
+
+
+@torch.no_grad()
+def prompt_states(model, prompt_ids: list[int]):
+    """The prompt's pass without a graph, to be reused by every no-gradient call of `completion_logprobs` under
+    the same weights (grpo.Learner keeps the base policy's: it never changes during a run): the last hidden
+    state (1, 1, C) and each layer's keys and values (1, H_kv, Tp, D)."""
+    rec = PromptRecorder()
+    h = model.hidden_states(torch.tensor([prompt_ids], device=model.lm_head.weight.device), cache=rec)
+    return h[:, -1:], rec.k, rec.v
 
 
 def pad(completions: list[list[int]], device):
@@ -80,7 +104,7 @@ def _cut(t, rows, width):
 
 
 def completion_logprobs(model, prompt_ids: list[int], ids, lengths, loss_fn=None, per_row=None, head=None,
-                        tokens_per_microbatch=4096, activation_checkpointing=False):
+                        tokens_per_microbatch=4096, activation_checkpointing=False, states=None):
     """Log-probs (N, T) of completion tokens ids (N, T) as continuations of the task prompt, and the loss.
 
     `ids` rows are sorted by length (`lengths` (N,)). With a loss, each micro-batch's
@@ -88,16 +112,23 @@ def completion_logprobs(model, prompt_ids: list[int], ids, lengths, loss_fn=None
     (N, T) tensor of `per_row` cut to the same rows and columns) and the sum of them returned: the value and
     gradients of the group's loss over N plain forward passes (grpo.py's loss adds up over rows). Without a loss, nothing is recorded
     for backward, and `head(rows, h, x)` may replace the log-probs by another (rows, W) statistic of the hidden
-    states h (rows, W, C) before the targets x (rows, W) (diagnostics.py)."""
+    states h (rows, W, C) before the targets x (rows, W) (diagnostics.py). `states`: the prompt's pass, made
+    before by `prompt_states` under the same weights (no loss then: it has no graph).
+    With activation_checkpointing, every layer of both passes keeps only its input and is recomputed in backward
+    (a 4k-token prompt through a 1.5B model otherwise keeps ~16 GB for backward)."""
     train = loss_fn is not None
+    assert not (train and states is not None), "a prompt pass made without a graph cannot be trained through"
     dev, (N, T), Tp = ids.device, ids.shape, len(prompt_ids)
     layer_call = _layer_checkpoint if (activation_checkpointing and train) else None
-    rec = PromptRecorder()
-    with torch.set_grad_enabled(train):
-        h_prompt = model.hidden_states(torch.tensor([prompt_ids], device=dev), cache=rec,
-                                       layer_call=layer_call)  # (1, Tp, C)
-    layers = sorted(rec.k)
-    roots = [h_prompt[:, -1:]] + [rec.k[i] for i in layers] + [rec.v[i] for i in layers]
+    if states is None:
+        rec = PromptRecorder()
+        with torch.set_grad_enabled(train):
+            h_last = model.hidden_states(torch.tensor([prompt_ids], device=dev), cache=rec,
+                                         layer_call=layer_call)[:, -1:]  # (1, 1, C)
+        states = h_last, rec.k, rec.v
+    h_last, keys, values = states
+    layers = sorted(keys)
+    roots = [h_last] + [keys[i] for i in layers] + [values[i] for i in layers]
     leaves = [r.detach().requires_grad_(train) for r in roots]
     last_h = leaves[0]  # the hidden state that predicts the first completion token
     cache = SharedPrefix(dict(zip(layers, leaves[1:1 + len(layers)])), dict(zip(layers, leaves[1 + len(layers):])))
@@ -112,17 +143,14 @@ def completion_logprobs(model, prompt_ids: list[int], ids, lengths, loss_fn=None
                 # completion position j sees the whole prompt and completion positions <= j
                 allowed = torch.ones(Tin, Tp + Tin, dtype=torch.bool, device=dev)
                 allowed[:, Tp:] = torch.tril(torch.ones(Tin, Tin, dtype=torch.bool, device=dev))
-                attn = torch.zeros(allowed.shape, dtype=h_prompt.dtype, device=dev).masked_fill_(
+                attn = torch.zeros(allowed.shape, dtype=h_last.dtype, device=dev).masked_fill_(
                     ~allowed, float("-inf"))
                 positions = torch.arange(Tp, Tp + Tin, device=dev)[None].expand(B, -1)
                 hc = model.hidden_states(x[:, :Tin], positions=positions, cache=cache,
                                          attn_mask=attn[None, None], layer_call=layer_call)
                 h = torch.cat([h, hc], dim=1)  # (B, W, C): the state before each target token
             if train:
-                if B * W * model.config.vocab_size * 4 > LOGITS_BYTES_KEPT:  # recompute rather than keep
-                    logp = checkpoint(target_logprobs, model, h, x, use_reentrant=False)
-                else:
-                    logp = target_logprobs(model, h, x)
+                logp = target_logprobs(model, h, x)
                 loss = loss_fn(logp, **{k: _cut(v, rsl, W) for k, v in (per_row or {}).items()})
                 loss.backward()
                 total += float(loss.detach())

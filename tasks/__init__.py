@@ -15,7 +15,7 @@ Vocabulary:
 import importlib
 import importlib.util
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 ALIASES = {"arc": "arc_agi"}  # short names users type -> module file
 
@@ -24,10 +24,22 @@ class TaskError(ValueError):
     """Bad task name or task id; the message names the problem and the fix."""
 
 
+@dataclass(frozen=True)
+class Tuned:
+    """Values that replace the paper's where a measurement chose others, and where they apply: a preset, an
+    embedded model and methods. `source` says where they come from (a sweep on a named tuning set, a paired grid,
+    a sizing for the CPU), and run.py --dry-run prints it beside each value."""
+    values: dict
+    source: str
+    preset: str = "cpu"  # the preset they belong to ("paper" is the paper's values alone)
+    model: str | None = None  # only with this --model (an embedded model's name); None: any model
+    methods: tuple[str, ...] = ()  # only for these methods; (): all
+
+
 @dataclass
 class Preset:
     """A task's hyperparameters: the paper's (shared/PAPER.md, "Per-task settings", and the reference code), and
-    in `cpu` the fields we change for the default model on a 2-core CPU [ours]. run.py flags override both."""
+    in `tuned` the values we measured better for a preset, a model and methods [ours]. run.py flags override all."""
     alpha: int  # on-policy completions per group
     beta: int  # greedy completions (best past ones, from the database)
     gamma: int  # neighbourhood completions (variations of a top past candidate)
@@ -58,16 +70,34 @@ class Preset:
     # nothing, but no code zeroes one), or "zero". A repeat costs no oracle call and tells the search nothing new;
     # kept, a repeat of a good word is trained up like a discovery.
     repeats: str = "keep"
-    cpu: dict = field(default_factory=dict)  # [ours] fields that differ on a CPU with the default model
+    kl_coef: float = 0.0  # KL pull to the base policy (the paper has none)
+    diagnostics: float = 0.1  # the most of a run's time the learning diagnostics may take (run.py --diagnostics)
+    source: str = "the paper (shared/PAPER.md, Per-task settings) and the reference code"  # of the values above
+    tuned: tuple[Tuned, ...] = ()  # [ours] later entries win where two apply
 
     @property
     def group_size(self):
         return self.alpha + self.beta + self.gamma
 
-    def named(self, name: str) -> "Preset":
-        """The "paper" preset, or the "cpu" one (the paper's with the `cpu` fields replaced)."""
+    def named(self, name: str, model: str | None = None, method: str | None = None) -> "Preset":
+        """The "paper" preset, or the "cpu" one, for this model and method: the paper's values with every
+        applicable `tuned` entry's values in place."""
+        return self.resolved(name, model, method)[0]
+
+    def resolved(self, name: str, model: str | None = None, method: str | None = None) -> tuple["Preset", dict]:
+        """(the preset `named` gives, {field: where its value comes from}) for run.py's config and --dry-run."""
         assert name in ("paper", "cpu"), f"presets are 'paper' and 'cpu', not {name!r}"
-        return replace(self, **self.cpu, cpu={}) if name == "cpu" else self
+        out, sources = self, {f.name: self.source for f in fields(self) if f.name not in ("source", "tuned")}
+        for t in self.applicable(name, model, method):
+            unknown = set(t.values) - set(sources)
+            assert not unknown, f"tuned values for fields a preset does not have: {sorted(unknown)}"
+            out = replace(out, **t.values)
+            sources.update(dict.fromkeys(t.values, t.source))
+        return replace(out, tuned=()), sources
+
+    def applicable(self, name, model, method) -> list[Tuned]:
+        return [t for t in self.tuned if t.preset == name and t.model in (None, model)
+                and (not t.methods or method in t.methods)]
 
 
 @dataclass
@@ -90,6 +120,9 @@ class Task:
     #                     prompt for sampling and training, and of the completion text parse() sees
     slow_reward = False  # True: score candidates while the rest of the group is still being sampled
     stop_strings: tuple[str, ...] = ()  # a completion may end once its tail contains one of these...
+    # The embedded model run.py uses unless --model names another: the smallest measured to serve this task
+    # (default_model.EMBEDDED; "smollm2-135m" writes words, "qwen2.5-coder-1.5b" also programs and SMILES).
+    model = "smollm2-135m"
 
     def __init__(self, task_id: str | None = None, seed: int = 0):
         self.task_id, self.seed = task_id, seed

@@ -24,7 +24,7 @@ import random
 import re
 from dataclasses import replace
 
-from tasks import Parsed, Preset, Score, Task, TaskError
+from tasks import Parsed, Preset, Score, Task, TaskError, Tuned
 
 PAPER_TARGETS = ["airbase", "birthstone", "cement", "computer", "filament", "machetes", "meatloaf", "mob",
                  "polyethylene", "skillet"]
@@ -53,11 +53,22 @@ class Semantle(Task):
                     # and GRPO sampled nothing else (README, "The cpu preset"); at 0 in the group mean, what is
                     # new and valid is pushed up and nothing else is.
                     failed="drop",
-                    # [ours] lr and scale chosen by sweep.py on the "tuning" targets (README, "The cpu preset"): at the
-                    # paper's 5e-5 and scale 0.25 a 200-guess run moves the policy by KL 0.001 a token, nothing; at
-                    # 2e-3 and scale 1 it collapses onto one word; 5e-4 and scale 1 raises the on-policy reward.
-                    cpu=dict(budget=200, max_new_tokens=24, lr=5e-4, lora_alpha=64, lr_schedule="constant",
-                             failed="group", repeats="zero"))
+                    tuned=(
+                        # [ours] lr and scale chosen by sweep.py on the "tuning" targets (README, "The cpu preset"):
+                        # at the paper's 5e-5 and scale 0.25 a 200-guess run moves the policy by KL 0.001 a token,
+                        # nothing; at 2e-3 and scale 1 it collapses onto one word; 5e-4 and scale 1 raises the
+                        # on-policy reward. Failures and repeats train at 0, or MiGrATe collapsed onto known words.
+                        Tuned(dict(budget=200, max_new_tokens=24, lr=5e-4, lora_alpha=64, lr_schedule="constant",
+                                   failed="group", repeats="zero"),
+                              "sweep.py on the Semantle tuning targets (results/sweep/semantle)"),
+                        # [ours] MiGrATe drifts onto nonsense stems without a pull to the base policy; 0.1 was chosen
+                        # on tuning targets (results/sweep/semantle-500) and measured on the paper's ten at budget 500,
+                        # three seeds: migrate-kl0.1 - migrate +0.075 [0.029, 0.119] in best reward (30 pairs). For
+                        # GRPO the same pull cost -0.056 [-0.087, -0.027], so only MiGrATe carries it.
+                        Tuned(dict(kl_coef=0.1), "the KL pull chosen on tuning targets (results/sweep/semantle-500), "
+                              "+0.075 [0.029, 0.119] over no pull on the paper's ten (results/experiments/semantle)",
+                              methods=("migrate", "migrate-opro")),
+                    ))
     stop_strings = ("]",)  # the answer is complete once its list closes; the sampler keeps the ']'
     answer_prefix = '["'  # [ours] starting the list for the model: 10/16 parsable answers from SmolLM2, not 4/16
 

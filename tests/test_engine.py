@@ -11,6 +11,8 @@ import sys
 import pytest
 import torch
 
+import grpo
+import shared_prompt
 from database import Database, Row
 from default_model import tiny_model_path
 from grpo import (GRPOConfig, Learner, clipped_token_loss, group_advantages, length_mask,
@@ -159,7 +161,7 @@ def test_one_step_moves_lora_and_not_the_base(tiny):
     assert all(not torch.equal(p, lora[n]) for n, p in model.named_parameters() if p.requires_grad)
 
 
-def test_shared_prompt_gradient_equals_per_member_gradient(tiny):
+def test_shared_prompt_gradient_equals_per_member_gradient(tiny, monkeypatch):
     model, tok = tiny
     inject_lora(model, r=4, alpha=8)
     randomise_lora(model)
@@ -172,13 +174,45 @@ def test_shared_prompt_gradient_equals_per_member_gradient(tiny):
         lp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(m.ids)[:, None])[:, 0]
         total = total + clipped_token_loss(lp[None], lp[None].detach(), a[None]).mean() / len(group)
     total.backward()
-    for cfg in [GRPOConfig(mu=1, tokens_per_microbatch=8), GRPOConfig(mu=1, activation_checkpointing=True)]:
+    # micro-batches of 8 tokens; every layer recomputed in backward; logits two positions at a time (each chunk
+    # recomputed in backward too: what bounds a long group's logits, shared_prompt.LOGITS_BYTES)
+    for cfg, logits_bytes in [(GRPOConfig(mu=1, tokens_per_microbatch=8), shared_prompt.LOGITS_BYTES),
+                              (GRPOConfig(mu=1, activation_checkpointing=True), shared_prompt.LOGITS_BYTES),
+                              (GRPOConfig(mu=1), 2 * 4 * model.config.vocab_size)]:
+        monkeypatch.setattr(shared_prompt, "LOGITS_BYTES", logits_bytes)
         learner = Learner(copy.deepcopy(model), cfg)
         learner.opt.step = lambda: None  # compare gradients, not updates
         learner.cfg.max_grad_norm = 1e9
         learner.step(prompt, group)
         for ours, ref in zip(learner.params, lora_parameters(naive)):
             assert torch.allclose(ours.grad, ref.grad, atol=1e-7)
+
+
+def test_the_base_policys_prompt_pass_is_made_once_and_stays_the_base_policys(tiny, monkeypatch):
+    # grpo.Learner.base_logprobs (the KL pull's reference, the diagnostics' pi_0) reuses one prompt pass for the
+    # run: equal to the plain LoRA-off computation, still the base policy's after updates, and made again for
+    # another prompt.
+    model, tok = tiny
+    inject_lora(model, r=4, alpha=8)
+    randomise_lora(model)
+    learner = Learner(model, GRPOConfig(lr=1e-2, mu=1))
+    passes = []
+    real = shared_prompt.prompt_states
+    monkeypatch.setattr(grpo, "prompt_states", lambda m, p: passes.append(len(p)) or real(m, p))
+    prompt, group = tok.encode("a prompt of some length"), members(tok, [0.2, 0.9, 0.5, 0.1])
+    ids, lengths = shared_prompt.pad(sorted((m.ids for m in group), key=len), "cpu")
+
+    def plain():
+        with torch.no_grad(), lora_disabled(model):
+            return shared_prompt.completion_logprobs(model, prompt, ids, lengths)[0]
+    first = learner.base_logprobs(prompt, ids, lengths)
+    assert torch.equal(first, plain())
+    assert not torch.equal(first, learner.logprobs(prompt, ids, lengths)[0]), "the adapter changes the policy"
+    learner.step(prompt, group)
+    assert torch.equal(learner.base_logprobs(prompt, ids, lengths), first) and torch.equal(first, plain())
+    other = tok.encode("another prompt")
+    learner.base_logprobs(other, ids, lengths)
+    assert passes == [len(prompt), len(other)], passes
 
 
 def test_bfloat16_learner_follows_the_float32_gradient(tiny):

@@ -260,14 +260,15 @@ def test_a_bad_budget_job_count_or_method_is_refused_before_any_run(tmp_path, fl
 
 
 def test_a_failed_run_makes_the_harness_exit_non_zero_after_its_report(tmp_path):
-    """One run finishes and one fails (its run.py is given a model that does not exist): the report still covers the
-    finished run, and the exit status says that not everything ran (it was 0, so a script saw success)."""
+    """One run finishes and one fails (its run.py is given a task option that does not exist): the report still
+    covers the finished run, and the exit status says that not everything ran (it was 0, so a script saw success)."""
     ok = subprocess.run([sys.executable, "experiments.py", "--tasks", "toy:cat", "--methods", "random", "--seeds", "0",
                          "--budget", "4", "--out", str(tmp_path), "--", "--model", "tiny"],
                         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr[-2000:]
     r = subprocess.run([sys.executable, "experiments.py", "--tasks", "toy:cat", "--methods", "random", "--seeds", "0",
-                        "1", "--budget", "4", "--out", str(tmp_path), "--", "--model", "no-such-model"],
+                        "1", "--budget", "4", "--out", str(tmp_path), "--", "--model", "tiny", "--task-option",
+                        "nosuch=1"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 1, (r.returncode, r.stderr[-2000:])
     assert "toy-cat-random-s1 " in r.stderr and "FAILED (exit 2" in r.stderr, r.stderr
@@ -318,3 +319,21 @@ def test_the_sweep_table_resamples_whole_tasks_as_the_report_does():
     rep = next(l for l in open(os.path.join(out, "results.md")) if l.startswith("| migrate-lr2e-4-a128 − random |"))
     assert rep.split("|")[2].strip() == "7", rep  # both seeds of the four tasks but e9afcf9a's second
     assert row.split("|")[3].strip() == rep.split("|")[5].strip(), (row, rep)
+
+
+def test_a_label_keeps_its_meaning_when_a_default_changes(done):
+    # The runs in a folder (and in git) keep what their label meant: a launch that would run a label under another
+    # setting (here grpo with a KL pull, as if the default had changed) is refused before anything runs, naming
+    # the value; the same setting passed as a flag, or under another label, runs.
+    out, _ = done
+    before = sorted(os.listdir(out / "runs"))
+    r = subprocess.run([sys.executable, "experiments.py", "--tasks", "toy:cat", "--methods", "grpo", "--seeds", "2",
+                        "--budget", "8", "--out", str(out), "--", "--model", "tiny", "--kl-coef", "0.2"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and "label 'grpo' ran toy with kl_coef = 0.0" in r.stderr, r.stderr[-2000:]
+    assert "--kl-coef 0.0" in r.stderr and sorted(os.listdir(out / "runs")) == before, "nothing ran"
+    r = subprocess.run([sys.executable, "experiments.py", "--tasks", "toy:cat", "--methods", "grpo", "--seeds", "2",
+                        "--budget", "8", "--label", "grpo-kl0.2", "--out", str(out), "--", "--model", "tiny",
+                        "--kl-coef", "0.2"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((out / "runs" / "toy-cat-grpo-kl0.2-s2" / "config.json").read_text())["kl_coef"] == 0.2

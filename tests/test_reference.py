@@ -16,7 +16,7 @@ from tasks import load_task
 
 def resolved(task, method, *extra, preset="paper"):
     """The configuration run.py would record (the task resolve built for it is closed: only the config is read)."""
-    cfg, built = run.resolve(run.parser().parse_args(["--task", task, "--method", method, "--preset", preset,
+    cfg, built, _ = run.resolve(run.parser().parse_args(["--task", task, "--method", method, "--preset", preset,
                                                       *extra]))
     built.close()
     return cfg

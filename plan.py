@@ -22,6 +22,8 @@ import os
 import time
 from dataclasses import dataclass
 
+from model import count_parameters
+
 GIB = 1 << 30
 ACTIVATIONS_MAX = 2 * GIB  # activations kept for backward: beyond this the learner recomputes layers
 OVERHEAD = GIB // 2  # the interpreter, PyTorch's own allocations, the tokenizer, the database
@@ -35,15 +37,6 @@ def activation_bytes(cfg, lora_r: int) -> int:
     keys and values, and the adapters' (r,) outputs."""
     kv = cfg.num_key_value_heads * cfg.head_dim
     return 4 * (4 * cfg.intermediate_size + 10 * cfg.hidden_size + 2 * kv + 2 * lora_r)
-
-
-def parameters(cfg) -> int:
-    """Parameters of a model of this config (model.py's modules)."""
-    C, I, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
-    layer = C * (q + 2 * kv) + q * C + 3 * C * I + 2 * C
-    layer += (q + 2 * kv) * cfg.qkv_bias + C * cfg.o_bias + (2 * I + C) * cfg.mlp_bias + 2 * hd * cfg.qk_norm
-    return cfg.vocab_size * C * (1 + (not cfg.tie_word_embeddings)) + cfg.num_hidden_layers * layer + C
 
 
 def available_memory() -> int:
@@ -163,7 +156,7 @@ def plan_memory(cfg, *, prompt_tokens: int, rows: int, max_new_tokens: int, lora
         mb = min(tokens_per_microbatch, max(64, (bound - Tp * L * act) // (L * act)))
         return (Tp + mb) * L * act + 2 * Tp * kv_token + rows * Tp * kv_token + fixed, False, mb
 
-    weights = parameters(cfg) * f
+    weights = count_parameters(cfg) * f
     if not cfg.tie_word_embeddings and f == 4:  # float32: the input embedding is read a row at a time from the
         weights -= cfg.vocab_size * C * f  # mapped file (another dtype is a converted copy, all resident)
     # The sampler's cache stays allocated (the prompt's and each row's keys and values); the adapters' weights,
@@ -210,7 +203,7 @@ def plan_run(cfg: dict, task, trains: bool, prompt_tokens: int | None = None,
     def plan_for(mc):
         per = KERNELS["mkl" if weights == "float32" else weights].bytes_per_weight
         wide = min(mc.hidden_size, mc.num_key_value_heads * mc.head_dim) >= PACK_MIN and cfg["dtype"] == "float32"
-        products = parameters(mc) - mc.vocab_size * mc.hidden_size * (not mc.tie_word_embeddings)
+        products = count_parameters(mc) - mc.vocab_size * mc.hidden_size * (not mc.tie_word_embeddings)
         return plan_memory(mc, prompt_tokens=tokens, rows=cfg["alpha"] + cfg["beta"] + cfg["gamma"],
                            max_new_tokens=cfg["max_new_tokens"], lora_r=cfg["lora_r"], trains=trains,
                            copies_bytes=products * per if wide and not cfg.get("compile") else 0,

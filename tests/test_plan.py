@@ -12,7 +12,7 @@ import torch
 import plan
 from default_model import EMBEDDED, TINY_CONFIG, model_config
 from lora import inject_lora
-from model import ModelConfig, build_model
+from model import ModelConfig, build_model, count_parameters
 from tasks import load_task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -128,7 +128,7 @@ def test_the_embedded_models_are_planned_before_they_are_fetched(tmp_path, monke
     for name, entry in EMBEDDED.items():
         cfg = model_config(name)
         assert cfg.hidden_size == entry.shapes["hidden_size"]
-    params = {name: plan.parameters(model_config(name)) for name in EMBEDDED}
+    params = {name: count_parameters(model_config(name)) for name in EMBEDDED}
     assert params == {"smollm2-135m": 134_515_008, "qwen2.5-coder-1.5b": 1_777_088_000}, \
         "the converted folders' safetensors hold exactly these"
     assert os.listdir(tmp_path) == []

@@ -3,7 +3,7 @@
 The same product by three routes, which differ only in speed and in the order float32 sums are taken: MKL's
 sgemm behind F.linear, the same library asked for W @ x^T (faster for the few rows of decoding on some CPUs),
 and oneDNN's (faster than MKL on CPUs where MKL takes a slow path). Which route wins depends on the CPU, so it
-is measured rather than chosen by vendor; README ("Speed") has the figures per machine.
+is measured rather than chosen by vendor; docs/performance.md has the figures per machine.
 model.py builds its projections from `Linear`; tests prove every route equal to F.linear.
 
 Measured once per machine, not per process (`remembered`, shared with packing.py's kernels): the routes are
@@ -75,7 +75,7 @@ class _OneDNNLinear(torch.autograd.Function):
     The input gradient grad @ W is the forward's product with W transposed, as many flops: by aten's mm it is
     MKL's sgemm, the library the measurement that chose this route found slower on this CPU. oneDNN reads W
     transposed in place (a strided view, no copy): on an AMD EPYC (Zen 4) the learner's step spent 1.1 s of 2.6
-    in mm, half again as long as the forward's products (README, "The same benchmarks on an AMD EPYC with
+    in mm, half again as long as the forward's products (docs/performance.md, "The same benchmarks on an AMD EPYC with
     AVX-512")."""
 
     @staticmethod

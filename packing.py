@@ -193,7 +193,7 @@ class PackedDecoder:
     carries a pack: training, state_dict and deepcopy never see one.
 
     weights: "float32" (the model's own numbers; the kernel chosen by measurement, or forced with `kernel`)
-    or "int8" or "bfloat16" (opt-in: other numbers, README)."""
+    or "int8" or "bfloat16" (opt-in: other numbers, docs/performance.md)."""
 
     def __init__(self, model, weights="float32", kernel=None, room=None):
         assert weights in ("float32", "int8", "bfloat16"), \

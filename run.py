@@ -62,7 +62,7 @@ def parser():
     g.add_argument("--sample-weights", default="float32", choices=["float32", "bfloat16", "int8"],
                    help="the CPU decoder's weight copies: float32 (the policy itself), bfloat16 or int8 (faster, "
                         "but a slightly different policy: int8 0.07-0.25 nats/token KL for SmolLM2, bfloat16 far "
-                        "less; see README)")
+                        "less; see docs/performance.md)")
     g.add_argument("--memory", type=float, default=None, metavar="GB",
                    help="the most memory the run may plan for (default: what this machine has available); a run "
                         "that cannot fit is refused before anything is fetched")
@@ -92,7 +92,7 @@ def parser():
     g.add_argument("--activation-checkpointing", action="store_true", help="recompute layers in backward")
     g.add_argument("--learner-dtype", default="float32", choices=["float32", "bfloat16"],
                    help="what the learner multiplies the frozen weights in: bfloat16 is faster on CPUs with "
-                        "bfloat16 instructions (AVX512-BF16, AMX) but changes the numbers slightly (README)")
+                        "bfloat16 instructions (AVX512-BF16, AMX) but changes the numbers slightly (docs/performance.md)")
     g.add_argument("--diagnostics", type=float, default=None, metavar="SHARE",
                    help="the most of the run's time the learning diagnostics of trained steps may take (KL to the "
                         "base policy, log-prob of the best answer, adapter norm; they change nothing but cost a "
@@ -436,17 +436,19 @@ def what_learned(cfg, metrics) -> list[str]:
 
 def what_next(cfg, summary) -> list[str]:
     """What to run next: the untrained baseline on the same problem and seed, then several seeds, paired."""
+    from default_model import canonical
     task, tid, seed = cfg["task"], summary["task_id"], cfg["seed"]
     other = "random" if cfg["method"] != "random" else "migrate"
     methods = " ".join(dict.fromkeys(["random", cfg["method"], "migrate"] if other == "migrate" else
                                      ["random", cfg["method"]]))
-    from default_model import canonical
-    model = f" -- --model {canonical(cfg['model'])}" if canonical(cfg["model"]) != _task_model(task) else ""
+    model = canonical(cfg["model"]) if canonical(cfg["model"]) != _task_model(task) else None
+    one = f" --task-id {tid}" if tid is not None else ""  # a task file may have no ids
+    spec = f"{task}:{tid}" if tid is not None else task
+    name = os.path.splitext(os.path.basename(task))[0]
     return [f"Next: the same problem {'untrained' if other == 'random' else 'with MiGrATe'}, on this seed: "
-            f"python run.py --task {task} --task-id {tid} --method {other} --seed {seed}"
-            + (f" --model {canonical(cfg['model'])}" if model else ""),
-            f"      several seeds, paired: python experiments.py --tasks {task}:{tid} --methods {methods} "
-            f"--seeds 0 1 2 --out experiments/{task}{model}"]
+            f"python run.py --task {task}{one} --method {other} --seed {seed}" + (f" --model {model}" if model else ""),
+            f"      several seeds, paired: python experiments.py --tasks {spec} --methods {methods} "
+            f"--seeds 0 1 2 --out experiments/{name}" + (f" -- --model {model}" if model else "")]
 
 
 def _task_model(task):

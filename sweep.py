@@ -64,7 +64,7 @@ GRIDS = {
         "migrate-lr1.4e-4-a128": ("migrate", ["--lr", "1.4e-4", "--lora-alpha", "128"]),
         "migrate-lr2e-4-a128-kl0.3": ("migrate", ["--lr", "2e-4", "--lora-alpha", "128", "--kl-coef", "0.3"]),
     }),
-    # plogp tunes what qed reports (README's coder-model showcase), with the coder model (the default writes no
+    # plogp tunes what qed reports (docs/results.md, the coder model's molecules), with the coder model (the default writes no
     # SMILES). MiGrATe's 2/1/2 groups have on-policy members, so its paired reference is `random`.
     "molecule": ("molecule:plogp", 20, {
         "random": ("random", []),
@@ -77,7 +77,7 @@ GRIDS = {
 
 def learning_table(out):
     """The sweep's own table, over every run folder, finished or not (a setting that collapses the policy onto one
-    answer may not finish in a sitting, and that is the finding): per setting, the policy reward rise paired
+    answer may never finish, and that is the finding): per setting, the policy reward rise paired
     against its untrained reference (`random` for its words per completion; `ns` for MiGrATe, whose Semantle
     groups are all neighbourhood), the last third's repeat and parse-failure shares, the last KL to the base
     policy, and the best reward."""

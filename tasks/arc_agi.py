@@ -156,7 +156,7 @@ class ARC(Task):
     slow_reward = True  # each program is a sandboxed process: start them while the group still decodes
 
     def __init__(self, task_id=None, seed=0, timeout_s=2.0, memory_mb=512, workers=None):
-        # [ours] the main job's problem (README, "The main job"): an ARC-AGI-1 training task of 3x3 grids, whose
+        # [ours] the main job's problem (docs/results.md, "The main job"): an ARC-AGI-1 training task of 3x3 grids, whose
         # prompt is short enough for a run of the coder model on a laptop's CPU (0a1d4ef5's 30x30 grids are 16x longer)
         task_id = task_id or DEFAULT_TASK
         self.source, task = find_task(task_id)

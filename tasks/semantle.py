@@ -50,11 +50,11 @@ class Semantle(Task):
                     # The reference never trains on a failed parse (it refills the step's words from the valid
                     # ones) and trains a repeated word at its score: failed="drop", repeats="keep". [ours] the cpu
                     # preset trains both at 0: kept at their known reward, repeats were trained up until MiGrATe
-                    # and GRPO sampled nothing else (README, "The cpu preset"); at 0 in the group mean, what is
+                    # and GRPO sampled nothing else (docs/results.md, "The cpu preset"); at 0 in the group mean, what is
                     # new and valid is pushed up and nothing else is.
                     failed="drop",
                     tuned=(
-                        # [ours] lr and scale chosen by sweep.py on the "tuning" targets (README, "The cpu preset"):
+                        # [ours] lr and scale chosen by sweep.py on the "tuning" targets (docs/results.md, "The cpu preset"):
                         # at the paper's 5e-5 and scale 0.25 a 200-guess run moves the policy by KL 0.001 a token,
                         # nothing; at 2e-3 and scale 1 it collapses onto one word; 5e-4 and scale 1 raises the
                         # on-policy reward. Failures and repeats train at 0, or MiGrATe collapsed onto known words.

@@ -1,4 +1,4 @@
-"""Bad input (issue 6), from users and from tasks: each bad command line must exit 2 with exactly one stderr line
+"""Bad input, from users and from tasks: each bad command line must exit 2 with exactly one stderr line
 that names the problem and the fix, no traceback; a task that returns non-finite rewards must not reach the
 database, the metrics or the adapter with them. The real command line, in its own process.
 """

@@ -359,7 +359,7 @@ def test_qwen_coder_matches_transformers_gguf_loader():
     print(f"max |logit diff| per prompt: {', '.join(f'{d:.2e}' for d in diffs)}; "
           f"max |logit| {max(r.abs().max().item() for r in ref):.1f}")
     # Equal weights, so what is left is float32 summation order in the kernels. Qwen2.5's residual stream
-    # carries values in the thousands, whose rounding reaches the logits at about 1e-4 (README, measured):
+    # carries values in the thousands, whose rounding reaches the logits at about 1e-4 (docs/models.md, measured):
     # that is the noise floor here, so the bound is twice it, with the greedy tokens required equal.
     assert max(diffs) <= 2e-4, diffs
     assert all(torch.equal(o.argmax(-1), r.argmax(-1)) for o, r in zip(ours, ref)), "same greedy token everywhere"

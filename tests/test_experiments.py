@@ -1,4 +1,4 @@
-"""The experiment harness (issue 5) end to end: real run.py processes on the toy task and the tiny model,
+"""The experiment harness end to end: real run.py processes on the toy task and the tiny model,
 two methods x two problems x two seeds, then the table, the plot and resuming."""
 import json
 import os

@@ -1,4 +1,4 @@
-"""Fuzzing every task (issue 6): >= 10,000 random, truncated and adversarial completions per task through `parse`,
+"""Fuzzing every task: >= 10,000 random, truncated and adversarial completions per task through `parse`,
 and the valid candidates through `reward` (ARC: a fixed sample of 300 parsed programs plus hostile ones, in the
 sandbox). The Task contract: parse never raises and explains every rejection; reward never raises and stays
 finite inside reward_range, with JSON-serialisable info (the database stores it).

@@ -1,4 +1,4 @@
-"""Kill and resume (issue 6): kill_trials.py SIGKILLs run.py at seeded random moments and resumes it (toy
+"""Kill and resume: kill_trials.py SIGKILLs run.py at seeded random moments and resumes it (toy
 and ARC, 10 trials each); a trial fails on any lost, changed or re-scored candidate, torn file or surviving
 process. Real processes, real tasks, real sandbox.
 """

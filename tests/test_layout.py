@@ -1,4 +1,4 @@
-"""The code's shape (issue 16): the project's modules import each other without a cycle, so each can be read
+"""The code's shape: the project's modules import each other without a cycle, so each can be read
 (and tested) after the ones it uses."""
 import ast
 import glob

@@ -1,4 +1,4 @@
-"""A forker's first hour (issue 16): a new task is one short file that uses only what tasks/__init__.py
+"""A forker's first hour: a new task is one short file that uses only what tasks/__init__.py
 documents, and both run.py and experiments.py take it by path, from a folder other than the project's."""
 import os
 import subprocess

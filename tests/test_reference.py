@@ -1,5 +1,5 @@
 """The group details of the authors' code (github dhdhagar/migrate), each matched here (shared/PAPER.md and the
-README's "Not copied" section say where we differ): the NS anchor and OPRO list per task and method, one anchor
+docs/reference.md's "Not copied" section say where we differ): the NS anchor and OPRO list per task and method, one anchor
 per step, the ARC baselines' 12 + 4 mix, the learning-rate schedule, and the warm start given for free."""
 import pytest
 import torch

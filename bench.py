@@ -32,7 +32,7 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from cpu_linear import machine
+from cpu_linear import machine, use_fast_linear
 from default_model import model_path
 from model import ModelError, load_model
 from packing import KERNELS, CopyRefused, missing_product
@@ -85,6 +85,7 @@ def bench_sample(args):
 
     path = model_path(args.model)
     model, tok = load_model(path)
+    use_fast_linear(model)  # as run.py runs it
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": PROMPT}]))
     samplers = {w: Sampler(model, tok, weights=w) for w in args.weights}
@@ -161,6 +162,7 @@ def bench_grpo(args):
     G, new = args.group, args.new_tokens
     model, tok = load_model(path)
     inject_lora(model, r=16, alpha=32, targets=("q_proj", "v_proj"))
+    use_fast_linear(model)  # as run.py runs it
     prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": GRPO_PROMPT}]))
     ours = {}
     settings = [(w, d) for d in args.learner_dtypes for w in args.weights]  # sampler copies x learner dtypes
@@ -317,10 +319,11 @@ def bench_step(args):
 def dtype_kl(path, dtype):
     """KL(policy in `dtype` || float32 policy) per token, on 16 samples of 64 tokens of the `dtype` model (k1, k3)."""
     model, tok = load_model(path, dtype=dtype)
+    use_fast_linear(model)
     prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": PROMPT}]))
     outs = Sampler(model, tok).generate([prompt], n=16, max_new_tokens=64, temperature=1.0, stop_ids=(),
                                         generator=torch.Generator().manual_seed(0))
-    return kl_to_float32(load_model(path)[0], outs)
+    return kl_to_float32(use_fast_linear(load_model(path)[0]), outs)
 
 
 def bench_repack(args):
@@ -330,6 +333,7 @@ def bench_repack(args):
     milliseconds (32 tokens more minus 2, no stop). The row-steps that repay a repack are twice the rebuild over
     the step's cost per row, from the largest and smallest counts."""
     model, tok = load_model(model_path(args.model))
+    use_fast_linear(model)  # as run.py runs it
     sampler = Sampler(model, tok)
     if not sampler.packed.available:  # e.g. `tiny`: its products are too narrow to gain from packs
         print("error: bench.py repack: this model decodes without packed weights on this machine (too narrow, not "

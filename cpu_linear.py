@@ -4,7 +4,8 @@ The same product by three routes, which differ only in speed and in the order fl
 sgemm behind F.linear, the same library asked for W @ x^T (faster for the few rows of decoding on some CPUs),
 and oneDNN's (faster than MKL on CPUs where MKL takes a slow path). Which route wins depends on the CPU, so it
 is measured rather than chosen by vendor; docs/performance.md has the figures per machine.
-model.py builds its projections from `Linear`; tests prove every route equal to F.linear.
+model.py and lora.py build plain nn.Linear; `use_fast_linear(model)`, applied where a model runs (run.py, bench.py,
+as gpt-fast compiles its decode step where it is used), routes them here; tests prove every route equal to F.linear.
 
 Measured once per machine, not per process (`remembered`, shared with packing.py's kernels): the routes are
 often near-ties, so timing them picked a different mix in each of four fresh processes on an AMD EPYC, and each
@@ -141,7 +142,7 @@ def cpu_info() -> dict:
 
 def cache_dir() -> str:
     """The project's cache folder, $MIGRATE_CACHE or ~/.cache/migrate: the embedded models (default_model.py,
-    which re-exports this) and the kernel choices (`remembered`). Here because model.py imports this module."""
+    which re-exports this) and the kernel choices (`remembered`, its first user, below)."""
     return os.environ.get("MIGRATE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "migrate")
 
 
@@ -248,5 +249,17 @@ def _fastest_product(bucket) -> str:
 
 
 class Linear(nn.Linear):
+    """nn.Linear through `linear`: the same parameters, names and state dict."""
+
     def forward(self, x):
         return linear(x, self.weight, self.bias)
+
+
+def use_fast_linear(model):
+    """Route every nn.Linear of `model` through `linear` (the product library this machine measured fastest), in
+    place: the modules keep their weights and names, only their forward changes. Call it after inject_lora, so the
+    adapters' products go the same way. Returns the model."""
+    for m in model.modules():
+        if type(m) is nn.Linear:
+            m.__class__ = Linear
+    return model

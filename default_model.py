@@ -24,7 +24,7 @@ import sys
 import zipfile
 from dataclasses import dataclass, field
 
-from cpu_linear import cache_dir  # its one home: model.py imports cpu_linear, which keeps kernel choices there
+from cpu_linear import cache_dir  # its one home, beside the kernel choices it keeps
 from gguf_convert import convert_gguf
 from model import ModelError
 

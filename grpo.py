@@ -23,7 +23,7 @@ from functools import partial
 
 import torch
 
-from cpu_linear import frozen_products
+from cpu_linear import frozen_products, use_fast_linear
 from lora import lora_disabled, lora_parameters
 from sampling import Rollout
 from shared_prompt import completion_logprobs, pad, prompt_states
@@ -141,6 +141,8 @@ class Learner:
 
     def __init__(self, model, cfg: GRPOConfig):
         self.model, self.cfg = model, cfg
+        if cfg.learner_dtype != "float32":  # the frozen products go through cpu_linear's route, where the dtype applies
+            use_fast_linear(model)
         self.params = lora_parameters(model)
         assert self.params, "the learner trains LoRA adapters: inject them first"
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -17,7 +17,6 @@ import tempfile
 import torch
 import torch.nn as nn
 
-from cpu_linear import Linear
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -30,8 +29,8 @@ class LoRALinear(nn.Module):
         self.base_layer = base
         # Adapter weights stay float32 whatever the base dtype (as PEFT does): AdamW steps of 1e-5 vanish in
         # bfloat16's 8-bit mantissa.
-        self.lora_A = Linear(base.in_features, r, bias=False, device=base.weight.device, dtype=torch.float32)
-        self.lora_B = Linear(r, base.out_features, bias=False, device=base.weight.device, dtype=torch.float32)
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, device=base.weight.device, dtype=torch.float32)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, device=base.weight.device, dtype=torch.float32)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         self.r, self.alpha, self.scale = r, alpha, alpha / r

@@ -15,7 +15,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cpu_linear import Linear  # nn.Linear, multiplying on a CPU with the library measured fastest there
 from tokenizer import Tokenizer
 
 SUPPORTED = {  # architectures entry of config.json -> model_type
@@ -152,10 +151,10 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.n_head, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         C = cfg.hidden_size
-        self.q_proj = Linear(C, self.n_head * self.hd, bias=cfg.qkv_bias)
-        self.k_proj = Linear(C, self.n_kv * self.hd, bias=cfg.qkv_bias)
-        self.v_proj = Linear(C, self.n_kv * self.hd, bias=cfg.qkv_bias)
-        self.o_proj = Linear(self.n_head * self.hd, C, bias=cfg.o_bias)
+        self.q_proj = nn.Linear(C, self.n_head * self.hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(C, self.n_kv * self.hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(C, self.n_kv * self.hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.n_head * self.hd, C, bias=cfg.o_bias)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
@@ -187,9 +186,9 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         C, I = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = Linear(C, I, bias=cfg.mlp_bias)
-        self.up_proj = Linear(C, I, bias=cfg.mlp_bias)
-        self.down_proj = Linear(I, C, bias=cfg.mlp_bias)
+        self.gate_proj = nn.Linear(C, I, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(C, I, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(I, C, bias=cfg.mlp_bias)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -224,7 +223,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = Backbone(cfg)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self._inv_freq = rope_inv_freq(cfg)  # plain tensor, not a buffer: never saved, rebuilt on meta loads

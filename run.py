@@ -259,6 +259,7 @@ def run(cfg, *, resume=False, task=None) -> int:
     """Run (or continue) the search a configuration describes, in its run folder; `task` is the one `resolve`
     built for it, else it is built here. Returns 0."""
     import torch
+    from cpu_linear import use_fast_linear
     from database import Database
     from default_model import canonical, model_path
     from grpo import GRPOConfig, Learner
@@ -298,6 +299,7 @@ def run(cfg, *, resume=False, task=None) -> int:
     if trains:
         inject_lora(model, cfg["lora_r"], cfg["lora_alpha"], tuple(cfg["lora_targets"]), cfg["lora_dropout"])
         learner = Learner(model, config_of(GRPOConfig, cfg))
+    use_fast_linear(model)  # the products through the library this machine measured fastest (cpu_linear.py)
     prompt_ids = tok.encode(tok.apply_chat_template(task.prompt()) + task.answer_prefix)
     if plan:  # the same memory, the prompt's real length (at most the estimate: it fits)
         plan = plan_run(cfg, task, trains, len(prompt_ids), plan.available)

@@ -25,6 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from atomic import write_atomically
+
 
 _PRODUCT_DTYPE = [torch.float32]  # what `linear` multiplies frozen float32 weights in (see `frozen_products`)
 
@@ -204,10 +206,11 @@ def remembered(key: str, measure):
                 known = {}
             if full not in known:
                 known[full] = measure()
-                tmp = f"{path}.{os.getpid()}"
-                with open(tmp, "w") as f:
-                    json.dump(known, f, indent=1, sort_keys=True)
-                os.replace(tmp, path)  # readers never see half a file
+
+                def write(tmp):
+                    with open(tmp, "w") as f:
+                        json.dump(known, f, indent=1, sort_keys=True)
+                write_atomically(path, write)  # readers never see half a file
             return known[full]
     except OSError:
         return measure()

@@ -12,6 +12,7 @@ adapters switched on: the run's samples and updates are the same with or without
 import torch
 import torch.nn.functional as F
 
+from grpo import length_mask
 from shared_prompt import pad, target_logprobs
 from lora import lora_modules
 
@@ -48,7 +49,7 @@ def policy_movement(learner, prompt_ids: list[int], completions: list[list[int]]
         kl, _ = learner.logprobs(prompt_ids, ids, lengths, head=kl_head)
     finally:
         model.train(was_training)
-    mask = torch.arange(ids.shape[1], device=ids.device)[None] < lengths.to(ids.device)[:, None]
+    mask = length_mask(lengths.to(ids.device), ids.shape[1])
     pos = {i: k for k, i in enumerate(order)}  # original row -> sorted row
     group = [pos[i] for i in range(len(rows) - bool(best))]
     out = {"kl": float((kl[group] * mask[group]).sum() / mask[group].sum().clamp(min=1))}

@@ -28,7 +28,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from report import report, task_name
-from run import parser as run_parser
+from run import folder_name, parser as run_parser
 from tasks import TaskError, problem_ids, task_class
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -47,9 +47,7 @@ def expand(spec: str) -> tuple[str, list]:
 
 
 def run_dir(out, task, tid, method, seed, label):
-    task = task_name(task)
-    name = f"{task}-{tid or 'default'}-{label or method}-s{seed}".replace(":", "_").replace("/", "_")
-    return os.path.join(out, "runs", name)
+    return os.path.join(out, "runs", folder_name(task_name(task), tid or "default", label or method, f"s{seed}"))
 
 
 def launch(job):
@@ -200,7 +198,7 @@ def changed_meaning(jobs) -> str | None:
             new = json.loads(r.stdout)["config"]
         except (ValueError, KeyError):
             continue  # the launch would fail the same way, and say why there
-        ignore = NOT_MEANING | (LEARNER if not METHODS[new["method"]][2] else set())
+        ignore = NOT_MEANING | (LEARNER if not METHODS[new["method"]].trains else set())
         for where, old in done[(task, label)]:
             for key in sorted(set(new) & set(old) - ignore):
                 was, now = _norm(key, old[key]), _norm(key, new[key])

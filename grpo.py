@@ -29,7 +29,7 @@ from sampling import Rollout
 from shared_prompt import completion_logprobs, pad, prompt_states
 from tasks import Preset
 
-SOURCES = ("on-policy", "greedy", "neighbour")  # a member's role in its group (database.SOURCES: where a
+ROLES = ("on-policy", "greedy", "neighbour")  # a member's role in its group (database.SOURCES: where a
 #                                               candidate came from)
 LEARNER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # GRPOConfig.learner_dtype
 
@@ -202,6 +202,17 @@ class Learner:
         with frozen_products(LEARNER_DTYPES[self.cfg.learner_dtype]):
             return completion_logprobs(self.model, prompt_ids, ids, lengths, loss_fn, per_row, head,
                                        self.cfg.tokens_per_microbatch, self.cfg.activation_checkpointing)
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs of the learner: the adapters, AdamW's moments and the schedule's position."""
+        return {"lora": {k: v for k, v in self.model.state_dict().items() if "lora_" in k},
+                "optimizer": self.opt.state_dict(), "schedule": self.schedule.state_dict()}
+
+    def load_state_dict(self, state: dict):
+        self.model.load_state_dict(state["lora"], strict=False)
+        self.opt.load_state_dict(state["optimizer"])
+        if "schedule" in state:  # checkpoints from before the schedule existed ran at a constant rate
+            self.schedule.load_state_dict(state["schedule"])
 
     @torch.no_grad()
     def base_logprobs(self, prompt_ids, ids, lengths, head=None):

@@ -53,7 +53,10 @@ def lora_modules(model) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def inject_lora(model, r=16, alpha=32, targets=("q_proj", "v_proj"), dropout=0.0) -> list[str]:
+LORA_TARGETS = ("q_proj", "v_proj")  # the paper's (and the reference's) adapted projections
+
+
+def inject_lora(model, r=16, alpha=32, targets=LORA_TARGETS, dropout=0.0) -> list[str]:
     """Wrap every nn.Linear whose name ends with a target suffix; freeze everything else. Returns the names."""
     if lora_modules(model):
         raise ValueError("this model already has LoRA adapters; wrapping twice is refused")

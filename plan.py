@@ -22,6 +22,7 @@ import os
 import time
 from dataclasses import dataclass
 
+from lora import LORA_TARGETS
 from model import count_parameters
 
 GIB = 1 << 30
@@ -209,7 +210,7 @@ def plan_run(cfg: dict, task, trains: bool, prompt_tokens: int | None = None,
                            copies_bytes=products * per if wide and not cfg.get("compile") else 0,
                            available=available, checkpointing=cfg.get("activation_checkpointing", False),
                            dtype_bytes=2 if cfg["dtype"] == "bfloat16" else 4,
-                           lora_modules=len(cfg.get("lora_targets", ("q_proj", "v_proj"))))
+                           lora_modules=len(cfg.get("lora_targets", LORA_TARGETS)))
     try:
         return plan_for(mcfg)
     except DoesNotFit as e:

@@ -19,6 +19,7 @@ import sys
 import time
 
 def parser():
+    from lora import LORA_TARGETS
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("problem")
     g.add_argument("--task", default="arc", help="task module in tasks/ (toy, arc, semantle, molecule)")
@@ -72,7 +73,7 @@ def parser():
     g.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: preset)")
     g.add_argument("--lora-r", type=int, default=None, help="LoRA rank (default: preset)")
     g.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha; scale = alpha / r (default: preset)")
-    g.add_argument("--lora-targets", default="q_proj,v_proj", help="comma-separated module name suffixes")
+    g.add_argument("--lora-targets", default=",".join(LORA_TARGETS), help="comma-separated module name suffixes")
     g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input")
     g.add_argument("--mu", type=int, default=None, help="inner epochs per group (default: preset)")
     g.add_argument("--lr-schedule", default=None, choices=["linear", "constant"],
@@ -155,7 +156,7 @@ def resolve(args):
         raise UsageError(f"--lr must be non-negative, got {args.lr}")
     if args.memory is not None and not (math.isfinite(args.memory) and args.memory > 0):
         raise UsageError(f"--memory is in GB and must be positive, got {args.memory}")
-    baseline = METHODS[args.method][3]  # inference-only baselines have their own anchor and list sizes
+    baseline = METHODS[args.method].baseline  # inference-only baselines have their own anchor and list sizes
     mu = preset_value("mu")
     anchor, listed = ("ns_baseline_k", "opro_baseline_k") if baseline else ("top_k_anchor", "opro_k")
     sources.update(top_k_anchor=f"{preset} preset ({anchor}): {preset_sources[anchor]}",
@@ -199,8 +200,7 @@ def resolve(args):
                 raise UsageError(f"{flag} {which}: {reason}; use float32")
     if not (args.device == "cpu" or args.device.startswith("cuda")):
         raise UsageError(f"unknown device '{args.device}'; use cpu or cuda (cuda:N for one GPU)")
-    cfg["out"] = args.out or os.path.join("runs", f"{args.task}-{task.task_id}-{args.method}-s{args.seed}"
-                                          .replace(":", "_").replace("/", "_"))
+    cfg["out"] = args.out or os.path.join("runs", folder_name(args.task, task.task_id, args.method, f"s{args.seed}"))
     sources.update(task_id="--task-id" if args.task_id else "the task's default problem",
                    task_options="--task-option" if args.task_option else "run.py's default",
                    mask_zero_reward="--no-zero-mask" if args.no_zero_mask else "GRPOConfig",
@@ -249,16 +249,26 @@ def read_config(folder) -> dict:
 
 
 def write_json(path, obj):
-    """Write JSON atomically (temporary file, then rename): a kill leaves the old file or the new one."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
+    """Write JSON whole or not at all (atomic.py)."""
+    from atomic import write_atomically
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+    write_atomically(path, write)
+
+
+def folder_name(*parts) -> str:
+    """A run folder's name from its parts (task, problem, method or label, seed): one path component, whatever
+    the task id holds (molecule ids have ':' and '/', a task file is a path, several ids have ',')."""
+    return "-".join(str(p) for p in parts).replace(":", "_").replace("/", "_").replace(",", "+")
 
 
 def run(cfg, *, resume=False, task=None) -> int:
     """Run (or continue) the search a configuration describes, in its run folder; `task` is the one `resolve`
     built for it, else it is built here. Returns 0."""
     import torch
+    from atomic import write_atomically
     from cpu_linear import use_fast_linear
     from database import Database
     from default_model import canonical, model_path
@@ -288,7 +298,7 @@ def run(cfg, *, resume=False, task=None) -> int:
         task = load_task(cfg["task"], cfg["task_id"], seed=cfg["seed"], options=cfg.get("task_options"))
     torch.manual_seed(cfg["seed"])  # LoRA's A matrices
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg["dtype"]]
-    trains = METHODS[cfg["method"]][2]
+    trains = METHODS[cfg["method"]].trains
     try:  # before anything is fetched or written: the prompt's length estimated from its characters
         plan = plan_run(cfg, task, trains)
     except DoesNotFit as e:
@@ -320,7 +330,7 @@ def run(cfg, *, resume=False, task=None) -> int:
     except sqlite3.DatabaseError as e:
         raise UsageError(f"{out}/candidates.sqlite is not a readable database ({e}); the run cannot be resumed")
     search = Search(config_of(SearchConfig, cfg), task, tok, sampler, db, learner, seed=cfg["seed"],
-                    diagnose=cfg.get("diagnostics", 0.1))
+                    diagnose=cfg.get("diagnostics", Preset.diagnostics))
     elapsed = 0.0
     metrics_path = os.path.join(out, "metrics.jsonl")
     if resume and os.path.exists(ckpt_path):
@@ -333,10 +343,7 @@ def run(cfg, *, resume=False, task=None) -> int:
         elapsed = ck["elapsed"]
         torch.set_rng_state(ck["torch_rng"])
         if learner:
-            model.load_state_dict(ck["lora"], strict=False)
-            learner.opt.load_state_dict(ck["optimizer"])
-            if "schedule" in ck:
-                learner.schedule.load_state_dict(ck["schedule"])
+            learner.load_state_dict(ck)
         keep_metrics(metrics_path, search.step_idx)
     else:
         keep_metrics(metrics_path, 0)
@@ -369,12 +376,9 @@ def run(cfg, *, resume=False, task=None) -> int:
             f.write(json.dumps(m) + "\n")
         state = {"search": search.state(), "elapsed": time.time() - t_start, "torch_rng": torch.get_rng_state()}
         if learner:
-            state["lora"] = {k: v for k, v in model.state_dict().items() if "lora_" in k}
-            state["optimizer"] = learner.opt.state_dict()
-            state["schedule"] = learner.schedule.state_dict()
+            state.update(learner.state_dict())  # the same keys checkpoints have always had: old runs resume
             save_adapter(model, os.path.join(out, "adapter"), base_model=cfg["model"])
-        torch.save(state, ckpt_path + ".tmp")
-        os.replace(ckpt_path + ".tmp", ckpt_path)  # the step is complete once this rename lands
+        write_atomically(ckpt_path, lambda tmp: torch.save(state, tmp))  # the step is complete once this lands
         progress(m, cfg["budget"], time_left(history, search.calls_left))
     if learner and search.step_idx:
         # A kill between the adapter's save and the checkpoint's rename leaves an adapter one step ahead of the
@@ -399,11 +403,14 @@ def keep_metrics(path, last_step):
     """Drop metrics of steps after the last checkpoint (a kill between the two writes); they are redone."""
     if not os.path.exists(path):
         return
+    from atomic import write_atomically
     with open(path) as f:
         lines = [l for l in f if l.strip() and json.loads(l)["step"] <= last_step]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(lines)
-    os.replace(path + ".tmp", path)
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.writelines(lines)
+    write_atomically(path, write)
 
 
 def progress(m, budget, left):
@@ -417,7 +424,7 @@ def progress(m, budget, left):
 def what_learned(cfg, metrics) -> list[str]:
     """In plain words, whether training moved the policy and toward what (the learning diagnostics)."""
     from search import METHODS
-    if not METHODS[cfg["method"]][2] or not metrics:
+    if not METHODS[cfg["method"]].trains or not metrics:
         return []
     trained = [m for m in metrics if m.get("loss") is not None]
     if not trained:
@@ -552,8 +559,7 @@ def run_many(args) -> int:
     from tasks import load_task, problem_ids
     ids = problem_ids(args.task, args.task_ids)
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    base = args.out or os.path.join("runs", f"{args.task}-{args.task_ids}-{args.method}-s{args.seed}"
-                                    .replace(":", "_").replace("/", "_").replace(",", "+"))
+    base = args.out or os.path.join("runs", folder_name(args.task, args.task_ids, args.method, f"s{args.seed}"))
     if world > 1:
         cuda = args.device.startswith("cuda")
         # a barrier waits for the slowest process: ARC problems can take hours
@@ -566,7 +572,7 @@ def run_many(args) -> int:
     for tid in ids[rank::world]:
         one = copy.copy(args)
         one.task_id, one.task_ids = tid, None
-        one.out = os.path.join(base, str(tid).replace(":", "_").replace("/", "_"))
+        one.out = os.path.join(base, folder_name(tid))
         if os.path.exists(os.path.join(one.out, "summary.json")):
             continue
         if os.path.exists(os.path.join(one.out, "config.json")):
@@ -579,7 +585,7 @@ def run_many(args) -> int:
     if rank == 0:
         summaries = []
         for tid in ids:
-            with open(os.path.join(base, str(tid).replace(":", "_").replace("/", "_"), "summary.json")) as f:
+            with open(os.path.join(base, folder_name(tid), "summary.json")) as f:
                 summaries.append(json.load(f))
         solved = sum(bool(s["solved"]) for s in summaries)
         agg = {"task": args.task, "task_ids": ids, "method": args.method, "seed": args.seed, "processes": world,
@@ -600,7 +606,7 @@ def dry_run(cfg, task, sources) -> int:
     from plan import DoesNotFit, plan_run
     from search import METHODS
     try:
-        memory = plan_run(cfg, task, METHODS[cfg["method"]][2])
+        memory = plan_run(cfg, task, METHODS[cfg["method"]].trains)
         memory = memory.describe() if memory else "not planned (a GPU, or a model folder without config.json)"
     except DoesNotFit as e:
         memory = f"refused: {e}"

@@ -39,7 +39,7 @@ class Rollout:
     stop_reason: str = ""  # "stop_token" | "stop_string" | "length"
     prompt_index: int = 0
     prompt_ids: list[int] = field(default_factory=list, repr=False)
-    source: str = "on-policy"  # its role in a GRPO group: "on-policy" | "greedy" | "neighbour" (grpo.SOURCES)
+    source: str = "on-policy"  # its role in a GRPO group: "on-policy" | "greedy" | "neighbour" (grpo.ROLES)
     reward: float | None = None  # None until scored (and if the budget ran out first)
     info: dict = field(default_factory=dict)  # e.g. "kind": "new" | "repeat" | "failed" (search.py)
 

@@ -18,26 +18,34 @@ import math
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
 
 from database import Row
 from diagnostics import adapter_change, policy_movement
-from grpo import SOURCES, build_group
+from grpo import ROLES, build_group
 from tasks import Preset, Score
 
-# method -> (alpha, beta, gamma) from the preset mix and the baselines' on-policy share n0, the NS prompt
-# kind, whether it trains, and whether it is an inference-only baseline (whose anchor and OPRO list sizes
-# are the preset's *_baseline_k).
+@dataclass(frozen=True)
+class Method:
+    """What a method's groups hold and whether it learns from them."""
+    mix: Callable  # (N, alpha, beta, gamma, n0) -> (alpha, beta, gamma) of a group, from the preset's mix and the
+    #                baselines' task-prompt share n0
+    prompt: str  # the kind of non-task prompt: "neighbour" (NS) or "opro"
+    trains: bool  # a GRPO step on every group
+    baseline: bool  # an inference-only baseline: its anchor and OPRO list sizes are the preset's *_baseline_k
+
+
 METHODS = {
-    "migrate": (lambda N, a, b, g, n0: (a, b, g), "neighbour", True, False),
-    "migrate-opro": (lambda N, a, b, g, n0: (a, b, g), "opro", True, False),
-    "grpo": (lambda N, a, b, g, n0: (N, 0, 0), "neighbour", True, False),
-    "grpo-greedy": (lambda N, a, b, g, n0: (N - 1, 1, 0), "neighbour", True, False),
-    "random": (lambda N, a, b, g, n0: (N, 0, 0), "neighbour", False, True),
-    "ns": (lambda N, a, b, g, n0: (n0, 0, N - n0), "neighbour", False, True),
-    "opro": (lambda N, a, b, g, n0: (n0, 0, N - n0), "opro", False, True),
+    "migrate": Method(lambda N, a, b, g, n0: (a, b, g), "neighbour", trains=True, baseline=False),
+    "migrate-opro": Method(lambda N, a, b, g, n0: (a, b, g), "opro", trains=True, baseline=False),
+    "grpo": Method(lambda N, a, b, g, n0: (N, 0, 0), "neighbour", trains=True, baseline=False),
+    "grpo-greedy": Method(lambda N, a, b, g, n0: (N - 1, 1, 0), "neighbour", trains=True, baseline=False),
+    "random": Method(lambda N, a, b, g, n0: (N, 0, 0), "neighbour", trains=False, baseline=True),
+    "ns": Method(lambda N, a, b, g, n0: (n0, 0, N - n0), "neighbour", trains=False, baseline=True),
+    "opro": Method(lambda N, a, b, g, n0: (n0, 0, N - n0), "opro", trains=False, baseline=True),
 }
 
 
@@ -52,7 +60,7 @@ class SearchConfig:
     max_new_tokens: int = 64
     temperature: float = 1.0
     top_k_anchor: int = Preset.top_k_anchor  # the step's NS anchor: a random one of the k best
-    opro_k: int = 10  # OPRO prompts list the k best
+    opro_k: int = Preset.opro_k  # OPRO prompts list the k best
     patience: int = 20  # stop after this many steps without a new oracle call
     failed: str = "group"  # a completion with no valid candidate: "group" (reward 0) or "drop" (not in the group)
     repeats: str = "keep"  # a sampled completion of known candidates only: "keep" its reward, or "zero" it
@@ -66,13 +74,14 @@ class SearchConfig:
 
     def composition(self):
         """(alpha, beta, gamma) of this method's groups, and the kind of NS prompt, and whether it trains."""
-        fn, ns_kind, trains, _ = METHODS[self.method]
+        m = METHODS[self.method]
         N = self.alpha + self.beta + self.gamma
-        return (*fn(N, self.alpha, self.beta, self.gamma, min(self.baseline_alpha, N)), ns_kind, trains)
+        return (*m.mix(N, self.alpha, self.beta, self.gamma, min(self.baseline_alpha, N)), m.prompt, m.trains)
 
 
 class Search:
-    def __init__(self, cfg: SearchConfig, task, tokenizer, sampler, db, learner=None, seed=0, diagnose=0.1):
+    def __init__(self, cfg: SearchConfig, task, tokenizer, sampler, db, learner=None, seed=0,
+                 diagnose=Preset.diagnostics):
         self.cfg, self.task, self.tok, self.sampler, self.db, self.learner = cfg, task, tokenizer, sampler, db, learner
         a, b, g, self.ns_kind, self.trains = cfg.composition()
         self.alpha, self.beta, self.gamma = a, b, g
@@ -221,7 +230,7 @@ class Search:
                 "best_reward": best.reward if best else None,
                 "group_reward_mean": sum(group) / len(group) if group else None,
                 "group_reward_max": max(group) if group else None,
-                "members": {s: sum(m.source == s for m in members) for s in SOURCES},
+                "members": {s: sum(m.source == s for m in members) for s in ROLES},
                 "completion_tokens": sum(len(o.ids) for o in outs),
                 "loss": stats.get("loss"), "grad_norm": stats.get("grad_norm"),
                 "zero_spread": zero_spread, "zero_spread_share": round(self.zero_spread_steps / self.step_idx, 4),

@@ -4,7 +4,7 @@ The same product by three routes, which differ only in speed and in the order fl
 sgemm behind F.linear, the same library asked for W @ x^T (faster for the few rows of decoding on some CPUs),
 and oneDNN's (faster than MKL on CPUs where MKL takes a slow path). Which route wins depends on the CPU, so it
 is measured rather than chosen by vendor; docs/performance.md has the figures per machine.
-model.py and lora.py build plain nn.Linear; `use_fast_linear(model)`, applied where a model runs (run.py, bench.py,
+model.py and lora.py build plain nn.Linear; `use_fast_linear(model)`, applied where a model runs (run.py, scripts/bench.py,
 as gpt-fast compiles its decode step where it is used), routes them here; tests prove every route equal to F.linear.
 
 Measured once per machine, not per process (`remembered`, shared with packing.py's kernels): the routes are
@@ -143,7 +143,7 @@ def cpu_info() -> dict:
 
 
 def cache_dir() -> str:
-    """The project's cache folder, $MIGRATE_CACHE or ~/.cache/migrate: the embedded models (default_model.py,
+    """The project's cache folder, $MIGRATE_CACHE or ~/.cache/migrate: the embedded models (weights/default_model.py,
     which re-exports this) and the kernel choices (`remembered`, its first user, below)."""
     return os.environ.get("MIGRATE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "migrate")
 

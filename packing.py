@@ -11,7 +11,7 @@ k in one call, the cache's slices for the step are cut once for all layers, and 
 Which library packs best depends on the CPU (MKL's packed sgemm on an Intel Xeon, oneDNN's on an AMD EPYC,
 where MKL runs a slower code path), so the float32 kernel is chosen by measurement the first time the sampler
 packs, on the model's own products, and kept for the machine (`KERNELS`, `PackedDecoder.choice`, printed by
-`bench.py sample`; cpu_linear.py says why once per machine). The
+`scripts/bench.py sample`; cpu_linear.py says why once per machine). The
 int8 kernel (fbgemm: weights quantized per output channel, activations per row batch at run time) reads a
 quarter of the bytes, the bfloat16 one (oneDNN) half; they change the numbers, so they are used only when asked
 (`Sampler(weights="int8")`, `"bfloat16"`).
@@ -41,7 +41,7 @@ TUNE_BYTES = 96 << 20  # weights timed when choosing a kernel: well past a last-
 
 class CopyRefused(ValueError):
     """Low-precision decode copies ("int8", "bfloat16") asked for where they would not be used: raised rather
-    than decode in float32 under their name. `reason` is for a caller's own one-line error (run.py, bench.py)."""
+    than decode in float32 under their name. `reason` is for a caller's own one-line error (run.py, scripts/bench.py)."""
 
     def __init__(self, weights, reason):
         super().__init__(f"{weights} decode copies: {reason}")
@@ -99,7 +99,7 @@ _NEEDS = {"bfloat16": "AVX-512 BW/VL/DQ or AVX-NE-CONVERT", "int8": "the fbgemm/
 
 def missing_product(weights) -> str | None:
     """Why this CPU's PyTorch cannot multiply `weights` ("int8", "bfloat16") fast, or None where it can (and for
-    "float32"). The low-precision options exist only to be faster: run.py, bench.py and PackedDecoder refuse them
+    "float32"). The low-precision options exist only to be faster: run.py, scripts/bench.py and PackedDecoder refuse them
     with this reason rather than run slower in another dtype than asked, or print float32 figures under its label."""
     if weights == "float32" or KERNELS[weights].available:
         return None
@@ -311,7 +311,7 @@ class PackedDecoder:
         return {"chosen": chosen, "seconds": seconds, "rows": rows}
 
     def release(self):
-        """Free the packs: the next prepare builds every one again (what a rebuild costs is what bench.py repack
+        """Free the packs: the next prepare builds every one again (what a rebuild costs is what scripts/bench.py repack
         times)."""
         self.packs, self.rows = {}, None
 

@@ -190,7 +190,7 @@ def plan_run(cfg: dict, task, trains: bool, prompt_tokens: int | None = None,
     config.json). Before the model is fetched `prompt_tokens` is None and the prompt's characters stand in for its
     tokens (a digit is a token for Qwen's tokenizer; the tokenizers here merge more than that elsewhere). A run that
     cannot fit raises DoesNotFit, its message naming an embedded model that fits."""
-    from default_model import EMBEDDED, canonical, model_config
+    from weights.default_model import EMBEDDED, canonical, model_config
     from packing import KERNELS, PACK_MIN
     mcfg = model_config(cfg["model"])
     if cfg["device"] != "cpu" or mcfg is None:
@@ -232,7 +232,7 @@ def plan_run(cfg: dict, task, trains: bool, prompt_tokens: int | None = None,
 def _prompt_tokens(model, task) -> int:
     """The task prompt's tokens, counted with the model's tokenizer where its folder is here; before a fetch, its
     characters (a digit is a token for Qwen's tokenizer; elsewhere the tokenizers here merge several characters)."""
-    from default_model import EMBEDDED, cache_dir, canonical, is_embedded
+    from weights.default_model import EMBEDDED, cache_dir, canonical, is_embedded
     from tokenizer import Tokenizer
     folder = os.path.join(cache_dir(), EMBEDDED[canonical(model)].folder) if is_embedded(model) else \
         None if model == "tiny" else model

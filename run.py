@@ -101,7 +101,7 @@ def parser():
     g = p.add_argument_group("run folder")
     g.add_argument("--out", default=None, help="run folder (default: runs/<task>-<id>-<method>-s<seed>)")
     g.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a stopped run from its folder")
-    g.add_argument("--label", default=None, help="a name for this variant, kept in config.json (experiments.py)")
+    g.add_argument("--label", default=None, help="a name for this variant, kept in config.json (scripts/experiments.py)")
     g.add_argument("--dry-run", action="store_true",
                    help="print the resolved configuration as JSON (each value with where it comes from) and exit, "
                         "without loading a model or fetching anything")
@@ -271,7 +271,7 @@ def run(cfg, *, resume=False, task=None) -> int:
     from atomic import write_atomically
     from cpu_linear import use_fast_linear
     from database import Database
-    from default_model import canonical, model_path
+    from weights.default_model import canonical, model_path
     from grpo import GRPOConfig, Learner
     from lora import inject_lora, save_adapter
     from model import load_model
@@ -445,7 +445,7 @@ def what_learned(cfg, metrics) -> list[str]:
 
 def what_next(cfg, summary) -> list[str]:
     """What to run next: the untrained baseline on the same problem and seed, then several seeds, paired."""
-    from default_model import canonical
+    from weights.default_model import canonical
     task, tid, seed = cfg["task"], summary["task_id"], cfg["seed"]
     other = "random" if cfg["method"] != "random" else "migrate"
     methods = " ".join(dict.fromkeys(["random", cfg["method"], "migrate"] if other == "migrate" else
@@ -456,7 +456,7 @@ def what_next(cfg, summary) -> list[str]:
     name = os.path.splitext(os.path.basename(task))[0]
     return [f"Next: the same problem {'untrained' if other == 'random' else 'with MiGrATe'}, on this seed: "
             f"python run.py --task {task}{one} --method {other} --seed {seed}" + (f" --model {model}" if model else ""),
-            f"      several seeds, paired: python experiments.py --tasks {spec} --methods {methods} "
+            f"      several seeds, paired: python -m scripts.experiments --tasks {spec} --methods {methods} "
             f"--seeds 0 1 2 --out experiments/{name}" + (f" -- --model {model}" if model else "")]
 
 
@@ -500,7 +500,7 @@ def read_metrics(path) -> list[dict]:
 
 def compact_curve(curve):
     """(oracle calls, best so far) only where the best changes, and the last point: the curve at any call
-    count follows from it (experiments.py rebuilds its tables and plots from summary.json alone)."""
+    count follows from it (scripts/experiments.py rebuilds its tables and plots from summary.json alone)."""
     out = [c for i, c in enumerate(curve) if i == 0 or c[1] != curve[i - 1][1]]
     return out + ([curve[-1]] if curve and out[-1] != curve[-1] else [])
 
@@ -602,7 +602,7 @@ def run_many(args) -> int:
 
 def dry_run(cfg, task, sources) -> int:
     """Print the resolved configuration, each value's source, the model and the memory plan; fetch nothing."""
-    from default_model import describe_model
+    from weights.default_model import describe_model
     from plan import DoesNotFit, plan_run
     from search import METHODS
     try:

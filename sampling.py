@@ -18,7 +18,7 @@ from packing import PACK_ROWS, CopyRefused, PackedDecoder
 
 SHARE_MIN = 128  # a common prefix shorter than this is not worth a separate attention pass
 CDF_BLOCK = 256  # tokens per block of the two-level inverse-CDF search (sample)
-# Repack for a smaller batch only if (rows dropped) x (steps that may remain) reaches this. `bench.py repack`
+# Repack for a smaller batch only if (rows dropped) x (steps that may remain) reaches this. `scripts/bench.py repack`
 # on an Intel Xeon (2 threads), packed float32: a finished row riding along costs 1.4 ms a step for SmolLM2 and
 # 10.5 ms for Qwen2.5-1.5B (~5% of a small batch's step), a repack 0.1-0.5 s and 2.4-6.1 s, paid twice since
 # the next call packs its full batch again: 400-640 row-steps, rounded up because the steps left are an upper

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from default_model import default_model_path, tiny_model_path
-from gguf_convert import unpermute_rope_rows
+from weights.default_model import default_model_path, tiny_model_path
+from weights.gguf_convert import unpermute_rope_rows
 from cpu_linear import linear
 from model import ModelError, build_model, load_model
 from sampling import Sampler

@@ -218,7 +218,7 @@ def task_class(name: str) -> type[Task]:
 
 
 def problem_ids(name: str, spec: str) -> list[str]:
-    """The problems `spec` names for task `name` (run.py --task-ids, experiments.py task:spec): one of the task's
+    """The problems `spec` names for task `name` (run.py --task-ids, scripts/experiments.py task:spec): one of the task's
     named sets ("paper") or ids separated by commas, each once, since two runs of one id would share a folder."""
     named = task_class(name).named_sets()
     ids = named[spec] if spec in named else [s.strip() for s in spec.split(",")]

@@ -140,7 +140,7 @@ class ARC(Task):
                         # [ours] At the paper's rate and scale (1e-5 x 0.25) the coder model's policy does not
                         # move in 64 programs; SmolLM2 writes no program that runs, so it has nothing to tune.
                         Tuned(dict(lr=2e-4, lora_alpha=128, lr_schedule="constant"),
-                              "sweep.py on ARC-AGI-1 training tasks d037b0a7, e9afcf9a, 5582e5ca, 6150a2bd "
+                              "scripts/sweep.py on ARC-AGI-1 training tasks d037b0a7, e9afcf9a, 5582e5ca, 6150a2bd "
                               "(results/sweep/arc-qwen)", model="qwen2.5-coder-1.5b"),
                     ))
     model = "qwen2.5-coder-1.5b"  # SmolLM2-135M writes no program that runs (2.7% over evaluation-small)

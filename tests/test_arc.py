@@ -206,7 +206,7 @@ def test_named_sets_and_preset():
 
 def test_prompt_fits_the_smallest_context(arc):
     # SmolLM2-135M's 8k positions are the smallest context of the embedded models (the coder model has 32k)
-    from default_model import default_model_path
+    from weights.default_model import default_model_path
     from tokenizer import Tokenizer
     stats = arc.prompt_stats(Tokenizer(default_model_path()).encode)
     assert stats["tokens"] + ARC.preset.max_new_tokens < 8192, stats

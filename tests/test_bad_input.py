@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from default_model import tiny_model_path
+from weights.default_model import tiny_model_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1")  # the tiny model gains nothing from threads on a shared machine
@@ -174,48 +174,49 @@ def test_non_finite_rewards_never_reach_the_database_or_the_adapter(tmp_path):
 
 
 def test_bench_step_on_a_model_that_trains_no_step_says_so_in_one_line():
-    """bench.py step resolves --model as run.py does (it used to pass 'tiny', or an embedded model's name, to the
+    """scripts/bench.py step resolves --model as run.py does (it used to pass 'tiny', or an embedded model's name, to the
     loader as a folder). A random model's guesses are never words, so its run trains no step: the benchmark must say
     that and exit 2, not fail on an assert. run.py's own progress lines come before it on stderr."""
-    r = subprocess.run([sys.executable, "bench.py", "step", "--model", "tiny", "--budget", "15", "--kl-coefs", "0"],
+    r = subprocess.run([sys.executable, "-m", "scripts.bench", "step", "--model", "tiny", "--budget", "15", "--kl-coefs", "0"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
     assert r.returncode == 2 and "Traceback" not in r.stderr, f"exit {r.returncode}:\n{r.stderr[-1500:]}"
     last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: bench.py step: the run trained no step") and "raise --budget" in last, last
+    assert last.startswith("error: scripts/bench.py step: the run trained no step") and "raise --budget" in last, last
 
 
 def test_bench_step_whose_run_fails_passes_the_error_on_without_a_traceback():
-    """When the run.py that bench.py step launches fails (here on --budget 0), its one-line error is what the user
+    """When the run.py that scripts/bench.py step launches fails (here on --budget 0), its one-line error is what the user
     reads, followed by one line from the benchmark and run.py's exit status; it used to end in a
     CalledProcessError traceback."""
-    r = subprocess.run([sys.executable, "bench.py", "step", "--model", "tiny", "--budget", "0", "--kl-coefs", "0"],
+    r = subprocess.run([sys.executable, "-m", "scripts.bench", "step", "--model", "tiny", "--budget", "0", "--kl-coefs", "0"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
     assert r.returncode == 2 and "Traceback" not in r.stderr, f"exit {r.returncode}:\n{r.stderr[-1500:]}"
     lines = r.stderr.strip().splitlines()
     assert lines[-2].startswith("error: ") and "--budget must be at least 1" in lines[-2], lines[-2:]
-    assert lines[-1] == "error: bench.py step: the measured run.py exited with status 2 (its error is above)", lines[-1]
+    assert lines[-1] == "error: scripts/bench.py step: the measured run.py exited with status 2 (its error is above)", lines[-1]
 
 
 def test_bench_repack_on_a_model_without_packs_says_so_in_one_line():
-    """`tiny`'s products are narrower than packing.PACK_MIN, so its decoder never packs: bench.py repack has
+    """`tiny`'s products are narrower than packing.PACK_MIN, so its decoder never packs: scripts/bench.py repack has
     nothing to time and must say so in one line (it used to end in an AssertionError traceback)."""
-    r = subprocess.run([sys.executable, "bench.py", "repack", "--model", "tiny", "--batches", "2", "1"],
+    r = subprocess.run([sys.executable, "-m", "scripts.bench", "repack", "--model", "tiny", "--batches", "2", "1"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
     assert r.returncode == 2 and "Traceback" not in r.stderr, f"exit {r.returncode}:\n{r.stderr[-1500:]}"
     assert r.stderr.strip().splitlines() == [
-        "error: bench.py repack: this model decodes without packed weights on this machine (too narrow, not "
+        "error: scripts/bench.py repack: this model decodes without packed weights on this machine (too narrow, not "
         "float32, or no room for the copy): nothing to repack"], r.stderr
 
 
-@pytest.mark.parametrize("argv", [["bench.py", "sample"], ["bench.py", "grpo"], ["bench.py", "step"],
-                                  ["bench.py", "repack"], ["stepprofile.py"]])
+@pytest.mark.parametrize("argv", [["-m", "scripts.bench", "sample"], ["-m", "scripts.bench", "grpo"],
+                                  ["-m", "scripts.bench", "step"], ["-m", "scripts.bench", "repack"],
+                                  ["-m", "scripts.stepprofile"]])
 def test_benchmarks_given_a_model_that_does_not_exist_say_so_in_one_line(argv):
-    """The benchmarks take --model as run.py does, and a wrong one gets run.py's one-line error and exit 2 (bench.py
-    used to end in a ModelError traceback, stepprofile.py in an AssertionError after run.py's line)."""
+    """The benchmarks take --model as run.py does, and a wrong one gets run.py's one-line error and exit 2 (scripts/bench.py
+    used to end in a ModelError traceback, scripts/stepprofile.py in an AssertionError after run.py's line)."""
     r = subprocess.run([sys.executable, *argv, "--model", "no-such-model"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
     assert r.returncode == 2 and "Traceback" not in r.stderr, f"exit {r.returncode}:\n{r.stderr[-1500:]}"
     lines = r.stderr.strip().splitlines()
     assert lines[0] == "error: model folder 'no-such-model' does not exist; give a local Hugging Face folder with " \
                        "--model", lines
-    assert len(lines) == 1 or lines[1].startswith("error: stepprofile.py: the profiled run.py exited with status 2"), lines
+    assert len(lines) == 1 or lines[1].startswith("error: scripts/stepprofile.py: the profiled run.py exited with status 2"), lines

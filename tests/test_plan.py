@@ -11,7 +11,7 @@ import torch
 
 import plan
 from cpu_linear import use_fast_linear
-from default_model import EMBEDDED, TINY_CONFIG, model_config
+from weights.default_model import EMBEDDED, TINY_CONFIG, model_config
 from lora import inject_lora
 from model import ModelConfig, build_model, count_parameters
 from tasks import load_task

@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 
-from default_model import default_model_path
+from weights.default_model import default_model_path
 from model import load_model
 from tasks import load_task
 

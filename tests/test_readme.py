@@ -87,7 +87,7 @@ def test_every_link_to_a_section_names_a_heading_that_exists():
 
 def test_no_committed_run_records_a_path_of_the_machine_it_ran_on():
     """A run's config.json records its folder ("out"); committed with the results it must name the folder inside the
-    repository, not where one machine kept the repository (experiments.py once passed run.py an absolute path)."""
+    repository, not where one machine kept the repository (scripts/experiments.py once passed run.py an absolute path)."""
     import json
     configs = [f for f in tracked() if f.startswith("results/") and f.endswith("config.json")]
     assert configs, "no committed run config: this test would check nothing"

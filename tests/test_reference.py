@@ -6,7 +6,7 @@ import torch
 
 import run
 from database import Database, Row
-from default_model import tiny_model_path
+from weights.default_model import tiny_model_path
 from grpo import GRPOConfig, lr_factor
 from model import load_model
 from sampling import Sampler

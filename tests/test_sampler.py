@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from default_model import tiny_model_path
+from weights.default_model import tiny_model_path
 from model import build_model, load_model
 import packing
 import sampling

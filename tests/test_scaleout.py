@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from default_model import tiny_model_path
+from weights.default_model import tiny_model_path
 from model import load_model
 from sampling import Sampler
 

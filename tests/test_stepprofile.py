@@ -1,7 +1,7 @@
-"""stepprofile.py's accounting on a fake clock: each part's time counted once, in the innermost timed part, and a
+"""scripts/stepprofile.py's accounting on a fake clock: each part's time counted once, in the innermost timed part, and a
 model call made by the learner counted as training, not as sampling. (Its figures are measured, never asserted.)"""
-import stepprofile
-from stepprofile import LOOP, PARTS, Timers
+import scripts.stepprofile as stepprofile
+from scripts.stepprofile import LOOP, PARTS, Timers
 
 STEP, DECODE, TRAIN = PARTS[0][0], "sampling: packed decode step", "training: GRPO learner step"
 

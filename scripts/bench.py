@@ -1,20 +1,20 @@
 """Benchmarks, printed as JSON: our code against its peer on the same weights in the same run.
 
-  python bench.py sample   # tokens/s of our sampler (float32, and int8 weights) vs transformers' generate,
+  python -m scripts.bench sample   # tokens/s of our sampler (float32, and int8 weights) vs transformers' generate,
                            # batch 1/8/16, beside this machine's bandwidth and product-rate limits
-  python bench.py grpo     # seconds per GRPO iteration vs TRL's GRPOTrainer (sampling on float32, and on int8;
+  python -m scripts.bench grpo     # seconds per GRPO iteration vs TRL's GRPOTrainer (sampling on float32, and on int8;
                            # --learner-dtypes float32 bfloat16: also the opt-in bfloat16 learner)
-  python bench.py step     # a Semantle step of run.py (MiGrATe, cpu preset): seconds sampling and training,
+  python -m scripts.bench step     # a Semantle step of run.py (MiGrATe, cpu preset): seconds sampling and training,
                            # beside the floor this machine's bandwidth and product rate put under each
                            # (--dtypes float32 bfloat16: also the opt-in bfloat16 model, and its KL to float32;
                            # --learner-dtypes float32 bfloat16: also the opt-in bfloat16 learner)
-  python bench.py repack   # what the sampler's REPACK_ROW_STEPS weighs: seconds to rebuild the packed weights
+  python -m scripts.bench repack   # what the sampler's REPACK_ROW_STEPS weighs: seconds to rebuild the packed weights
                            # for a batch, and a packed decode step's milliseconds, per row count (no peer)
-  python bench.py gpu      # CUDA, bf16, random weights of real shapes: decode vs transformers, roofline,
+  python -m scripts.bench gpu      # CUDA, bf16, random weights of real shapes: decode vs transformers, roofline,
                            # one ARC-sized GRPO iteration (needs a GPU; not run on the CPU machines)
 
 As on an AVX2-only CPU, on this one: `ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
-python bench.py ...` caps the instructions every library here (and the peer's) uses; the JSON records the caps.
+python -m scripts.bench ...` caps the instructions every library here (and the peer's) uses; the JSON records the caps.
 It is the same cores, caches and memory, so it shows the kernels' choice, not another CPU's figures.
 
 Speed is measured, never asserted: nothing here fails on a slow machine. `transformers`, `trl` and `peft`
@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from cpu_linear import machine, use_fast_linear
-from default_model import model_path
+from weights.default_model import model_path
 from model import ModelError, load_model
 from packing import KERNELS, CopyRefused, missing_product
 from sampling import Sampler
@@ -242,7 +242,7 @@ PEAK_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}  # bytes/s of HBM, SXM parts
 
 
 def step_argv(model, budget, kl, folder, task_id="river"):
-    """run.py's flags for the measured Semantle step (bench_step, stepprofile.py): MiGrATe, cpu preset, a tuning
+    """run.py's flags for the measured Semantle step (bench_step, scripts/stepprofile.py): MiGrATe, cpu preset, a tuning
     target, no learning diagnostics."""
     argv = ["--task", "semantle", "--task-id", task_id, "--method", "migrate", "--preset", "cpu",
             "--budget", str(budget), "--diagnostics", "0", "--kl-coef", str(kl), "--out", folder]
@@ -272,12 +272,12 @@ def bench_step(args):
              if (d, w) != ("float32", "float32") for kl in args.kl_coefs]
     for kl, dtype, learner_dtype, sample_weights in runs:
         with tempfile.TemporaryDirectory() as folder:
-            cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "run.py"),
+            cmd = [sys.executable, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "run.py"),
                    *step_argv(args.model, args.budget, kl, folder), "--dtype", dtype, "--learner-dtype", learner_dtype,
                    "--sample-weights", sample_weights]
             done = subprocess.run(cmd, stdout=subprocess.DEVNULL)  # run.py's own one-line error reaches stderr
             if done.returncode != 0:
-                print(f"error: bench.py step: the measured run.py exited with status {done.returncode} "
+                print(f"error: scripts/bench.py step: the measured run.py exited with status {done.returncode} "
                       "(its error is above)", file=sys.stderr)
                 sys.exit(done.returncode)
             with open(os.path.join(folder, "metrics.jsonl")) as f:
@@ -289,7 +289,7 @@ def bench_step(args):
                 cfg = json.load(f)
         steps = [m for m in steps if m.get("loss") is not None]  # trained (a skipped update takes ~0 s, not 0)
         if not steps:  # e.g. a random model: its guesses are never words, so no group ever has a reward to learn from
-            print(f"error: bench.py step: the run trained no step ({summary['steps']} steps, "
+            print(f"error: scripts/bench.py step: the run trained no step ({summary['steps']} steps, "
                   f"{summary['oracle_calls']} of {args.budget} oracle calls, stopped on {summary['stop_reason']}); "
                   "raise --budget, or use a model whose guesses are words", file=sys.stderr)
             sys.exit(2)
@@ -336,7 +336,7 @@ def bench_repack(args):
     use_fast_linear(model)  # as run.py runs it
     sampler = Sampler(model, tok)
     if not sampler.packed.available:  # e.g. `tiny`: its products are too narrow to gain from packs
-        print("error: bench.py repack: this model decodes without packed weights on this machine (too narrow, not "
+        print("error: scripts/bench.py repack: this model decodes without packed weights on this machine (too narrow, not "
               "float32, or no room for the copy): nothing to repack", file=sys.stderr)
         sys.exit(2)
     prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": PROMPT}]))
@@ -373,7 +373,7 @@ def bench_gpu(args):
     from grpo import GRPOConfig, Learner
     from lora import inject_lora
     from model import build_model
-    assert torch.cuda.is_available(), "bench.py gpu needs a CUDA GPU"
+    assert torch.cuda.is_available(), "scripts/bench.py gpu needs a CUDA GPU"
     dev, dt = "cuda", torch.bfloat16
     name = torch.cuda.get_device_name()
     peak = next((v for k, v in PEAK_BANDWIDTH.items() if k in name), None)
@@ -440,7 +440,8 @@ class _RandomTokens:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m scripts.bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=["sample", "grpo", "step", "repack", "gpu"], help="which benchmark")
     ap.add_argument("--model", default=None, help="Hugging Face folder (default: embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--batches", type=int, nargs="+", default=None,
@@ -462,7 +463,7 @@ def main():
                          "(run.py --learner-dtype; opt-in, changes numerics), with each of --weights")
     args = ap.parse_args()
     if args.what == "gpu" and not torch.cuda.is_available():
-        print("error: bench.py gpu needs a CUDA GPU; none is visible to PyTorch here", file=sys.stderr)
+        print("error: scripts/bench.py gpu needs a CUDA GPU; none is visible to PyTorch here", file=sys.stderr)
         sys.exit(2)
     if args.what == "grpo" and "--new-tokens" not in sys.argv:
         args.new_tokens = 64
@@ -470,7 +471,7 @@ def main():
         args.weights = ["float32"] if args.what == "step" else ["float32", "int8"]
     missing = sorted({missing_product(w) for w in args.weights + args.learner_dtypes} - {None})
     if missing:  # figures under a low-precision label must be that dtype's
-        print(f"error: bench.py: {'; '.join(missing)}; leave it out", file=sys.stderr)
+        print(f"error: scripts/bench.py: {'; '.join(missing)}; leave it out", file=sys.stderr)
         sys.exit(2)
     benches = {"sample": bench_sample, "grpo": bench_grpo, "step": bench_step, "repack": bench_repack, "gpu": bench_gpu}
     try:
@@ -479,7 +480,7 @@ def main():
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except CopyRefused as e:  # low-precision copies where they would not be used: no figures under their label
-        print(f"error: bench.py: {e}; leave it out", file=sys.stderr)
+        print(f"error: scripts/bench.py: {e}; leave it out", file=sys.stderr)
         sys.exit(2)
     print(json.dumps(result, indent=1))
 

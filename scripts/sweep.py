@@ -4,11 +4,11 @@ run the most beyond what `random` does (and MiGrATe its NS samples' mean reward 
 search onto one answer (the repeat share: completions that only repeat known candidates cost no oracle call, so
 a collapsed run spends steps, not budget, and may not finish).
 
-    python sweep.py semantle --seeds 0 1 --out results/sweep/semantle      # the tuning set "tuning"
-    python sweep.py arc --seeds 0 --out results/sweep/arc                  # ARC training tasks
-    python sweep.py molecule --seeds 0 --out results/sweep/molecule-qwen --extra --model qwen2.5-coder-1.5b
+    python -m scripts.sweep semantle --seeds 0 1 --out results/sweep/semantle      # the tuning set "tuning"
+    python -m scripts.sweep arc --seeds 0 --out results/sweep/arc                  # ARC training tasks
+    python -m scripts.sweep molecule --seeds 0 --out results/sweep/molecule-qwen --extra --model qwen2.5-coder-1.5b
 
-Every setting is one `experiments.py` call (labels like lr2e-3-a64-mu2) into the same folder, with `random` as
+Every setting is one `scripts/experiments.py` call (labels like lr2e-3-a64-mu2) into the same folder, with `random` as
 the paired reference, so a finished run is never redone and results.md holds the paired table: for each
 setting, its policy reward rise minus its untrained reference's on the same (problem, seed), with its 95% interval. The
 tuning sets never overlap what the README reports (Semantle's paper targets, ARC's evaluation tasks).
@@ -19,7 +19,7 @@ import os
 import subprocess
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project root: run.py is there
 # task -> (tuning set, budget, settings: label -> (method, run.py flags)). LoRA r stays the paper's; alpha sets
 # the scale alpha / r. The first grpo setting is the paper's. Semantle also compares one word per completion
 # (its own random reference) and one inner epoch.
@@ -81,7 +81,7 @@ def learning_table(out):
     against its untrained reference (`random` for its words per completion; `ns` for MiGrATe, whose Semantle
     groups are all neighbourhood), the last third's repeat and parse-failure shares, the last KL to the base
     policy, and the best reward."""
-    from report import fmt, last, last_third, load_runs, paired_ci, rise, significant
+    from scripts.report import fmt, last, last_third, load_runs, paired_ci, rise, significant
     runs = load_runs(out, unfinished=True)
     key = lambda r: (r["task_id"], r["seed"])
     words = lambda r: r["task_options"].get("words", 2)
@@ -97,7 +97,7 @@ def learning_table(out):
                      else "random")
         ref = {key(r): r for r in runs if r["label"] == ref_label}
         paired = [r for r in mine if key(r) in ref]
-        # A task's seeds are not independent draws: resample whole tasks, as report.py does (it and this table
+        # A task's seeds are not independent draws: resample whole tasks, as scripts/report.py does (it and this table
         # must agree on what counts)
         diff = paired_ci([(rise(r), rise(ref[key(r)])) for r in paired], groups=[r["task_id"] for r in paired])
         star = " *" if significant(diff) else ""
@@ -115,7 +115,7 @@ def learning_table(out):
 
 
 def experiments(*args):
-    cmd = [sys.executable, "experiments.py", *args]
+    cmd = [sys.executable, "-m", "scripts.experiments", *args]
     print(" ".join(cmd), file=sys.stderr, flush=True)
     r = subprocess.run(cmd, cwd=HERE)
     if r.returncode not in (0, 1):  # a usage error: every setting would meet it
@@ -124,7 +124,8 @@ def experiments(*args):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m scripts.sweep", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("task", choices=sorted(GRIDS))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--only", nargs="*", default=None, help="run only these settings (labels)")
@@ -132,7 +133,7 @@ def main():
                     help="run.py flags for every run, e.g. --extra --lr-schedule constant --task-option words=1")
     ap.add_argument("--label-suffix", default="", help="appended to every grpo label (a variant of the grid)")
     ap.add_argument("--tasks", default=None,
-                    help="a subset of the tuning set when time is short, e.g. semantle:apple,river (same syntax as experiments.py)")
+                    help="a subset of the tuning set when time is short, e.g. semantle:apple,river (same syntax as scripts/experiments.py)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--table-only", action="store_true", help="only write <out>/sweep.md from the runs there")
     args = ap.parse_args()
@@ -151,7 +152,7 @@ def main():
     experiments(*common, "--methods", *grid, "--report-only", "--against", "random", "random-w1", "ns")
     write_table(args.out)
     if failed:
-        print(f"error: runs failed in {failed} setting(s) (experiments.py said which above); the table covers the "
+        print(f"error: runs failed in {failed} setting(s) (scripts/experiments.py said which above); the table covers the "
               "finished runs, and the same command continues the rest", file=sys.stderr)
         return 1
     return 0

@@ -1,8 +1,8 @@
 """Kill-and-resume trials: SIGKILL `run.py` at random moments, resume it until it finishes, and check that
 nothing was lost, duplicated, scored twice or left running (the resume promise of README.md and docs/reference.md).
 
-    python kill_trials.py --trials 10 --task toy     # tiny model, toy task
-    python kill_trials.py --trials 10 --task arc     # tiny model, ARC 66e6c45b: real sandboxed programs
+    python -m scripts.kill_trials --trials 10 --task toy     # tiny model, toy task
+    python -m scripts.kill_trials --trials 10 --task arc     # tiny model, ARC 66e6c45b: real sandboxed programs
 
 One trial: write a task file that wraps the real task so that every reward call appends one JSON line per
 candidate (key, pid, time) to a log, flushed and fsynced before it returns; start `run.py` in its own
@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 from tasks.jail import UID_BASE
 from tasks.sandbox import processes
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project root: run.py is there
 
 LOG_ENV = "MIGRATE_REWARD_LOG"
-TASK_FILE = '''"""{cls} whose reward calls are logged for kill_trials.py: one JSON line per candidate, fsynced
+TASK_FILE = '''"""{cls} whose reward calls are logged for scripts/kill_trials.py: one JSON line per candidate, fsynced
 before reward() returns, so the log holds at least everything the oracle answered, even under SIGKILL."""
 import json
 import os
@@ -515,7 +515,8 @@ def run_trials(task: str, trials: int = 10, seed: int = 0, base: str | None = No
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m scripts.kill_trials", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trials", type=int, default=10, help="trials to run")
     p.add_argument("--task", default="toy", choices=sorted(SETTINGS), help="task wrapped with a reward log")
     p.add_argument("--seed", type=int, default=0, help="seed of the kill moments (run seeds are trial indices)")

@@ -1,6 +1,6 @@
 """The report of an experiment folder: every finished run under <out>/runs read back from its summary.json and
 metrics.jsonl, and written out as results.md (or <name>.md, for a named subset) and two plots per task. Nothing
-here runs a model, so the tables and plots rebuild from what git keeps (`python experiments.py ... --report-only`).
+here runs a model, so the tables and plots rebuild from what git keeps (`python -m scripts.experiments ... --report-only`).
 
 Statistics: a mean with a 95% percentile-bootstrap interval that resamples problems (a problem's seeds go
 together: they are not independent draws), and paired differences between methods over (problem, seed),
@@ -305,7 +305,7 @@ def report(out, order=None, against=("random", "grpo"), labels=None, problems=No
         if paired:
             lines += ["", "Paired differences on the same (problem, seed), mean [95% paired bootstrap CI]; * where "
                       f"the interval excludes 0 over {MIN_SIGNIFICANT} or more "
-                      "problems (fewer cannot show a difference at 5%: see report.py):", "",
+                      "problems (fewer cannot show a difference at 5%: see scripts/report.py):", "",
                       "| difference | pairs | " + " | ".join(m for m, _, _ in metrics) + f" | {metrics[0][0]}: pairs "
                       "higher / equal / lower |", "|---|---|" + "---|" * (len(metrics) + 1), *paired]
         lines += ["", *by_problem(rs, shown, task_ids, run_seeds), "", *every_run(rs, shown, task_ids)]

@@ -1,13 +1,13 @@
 """Compare methods on tasks x problems x seeds under equal oracle budgets, and report it as a table and plots.
 
-    python experiments.py --tasks semantle:paper --methods random ns opro grpo grpo-greedy migrate --seeds 0 1 2 \
+    python -m scripts.experiments --tasks semantle:paper --methods random ns opro grpo grpo-greedy migrate --seeds 0 1 2 \
         --budget 80 --out experiments/semantle
-    python experiments.py --tasks mytask:id1,id2 --methods random migrate --seeds 0 1     # any task module
+    python -m scripts.experiments --tasks mytask:id1,id2 --methods random migrate --seeds 0 1     # any task module
 
 Each run is `python run.py ...` in its own folder under --out, several at once in separate processes sized to the
 cores (--jobs at once, the cores shared out among them). The harness is resumable: a run with a summary.json is done
 and skipped, a run with a folder but no summary is continued with --resume. Then every summary.json and
-metrics.jsonl is read and --out gets (from report.py) results.md (per method: solve rate, best reward, oracle calls
+metrics.jsonl is read and --out gets (from scripts/report.py) results.md (per method: solve rate, best reward, oracle calls
 to solve, each a mean with a 95% bootstrap confidence interval that resamples problems, each with all its seeds) and
 <task>.png (best reward against oracle calls, one curve per method, the mean over runs with its 95% band).
 
@@ -27,11 +27,11 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from report import report, task_name
+from scripts.report import report, task_name
 from run import folder_name, parser as run_parser
 from tasks import TaskError, problem_ids, task_class
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project root: run.py is there
 
 
 def expand(spec: str) -> tuple[str, list]:
@@ -73,7 +73,8 @@ def launch(job):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m scripts.experiments", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", nargs="+", required=True, help="task specs: task, task:id,id or task:<named set>")
     ap.add_argument("--methods", nargs="+", default=["random", "ns", "opro", "grpo", "grpo-greedy", "migrate"],
                     help="methods to compare")
@@ -101,7 +102,7 @@ def main():
         if args.name == "learning" or args.name.endswith("-learning"):
             ap.error(f"--name {args.name!r} would overwrite a learning plot (<task>-...-learning.png); choose another")
         if args.name == "sweep":
-            ap.error("--name sweep is the name sweep.py writes its table under; choose another")
+            ap.error("--name sweep is the name scripts/sweep.py writes its table under; choose another")
     if args.label is not None and len(args.methods) > 1:  # one label, one folder per (problem, seed): runs would clash
         ap.error(f"--label names one variant of one method, not of {len(args.methods)} ({' '.join(args.methods)})")
     if args.threads is not None and args.threads < 1:
@@ -213,7 +214,7 @@ def changed_meaning(jobs) -> str | None:
 
 def _norm(key, value):
     """config.json values that mean the same: the default model written as None by older runs; lists and tuples."""
-    from default_model import canonical
+    from weights.default_model import canonical
     if key == "model":
         return canonical(value)
     return list(value) if isinstance(value, tuple) else value

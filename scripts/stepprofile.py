@@ -1,16 +1,16 @@
-"""Where a Semantle step's time goes: `bench.py step`'s run (run.py, MiGrATe, `cpu` preset, a tuning target)
+"""Where a Semantle step's time goes: `scripts/bench.py step`'s run (run.py, MiGrATe, `cpu` preset, a tuning target)
 in this process, with a timer around each part of the step [ours, speed only].
 
-    python stepprofile.py                  # median seconds a trained step spends in each part, as JSON
-    python stepprofile.py --ops 2          # also the aten operators of two steps' sampling (torch.profiler)
-    python stepprofile.py --train-ops 3    # and of three steps' learner (GRPO update)
-    python stepprofile.py --train-ops 3 --extra --learner-dtype bfloat16   # run.py flags of the profiled run
+    python -m scripts.stepprofile                  # median seconds a trained step spends in each part, as JSON
+    python -m scripts.stepprofile --ops 2          # also the aten operators of two steps' sampling (torch.profiler)
+    python -m scripts.stepprofile --train-ops 3    # and of three steps' learner (GRPO update)
+    python -m scripts.stepprofile --train-ops 3 --extra --learner-dtype bfloat16   # run.py flags of the profiled run
 
-`bench.py step` says how long a step takes against its floor; this says which part is over it. Each part's time
+`scripts/bench.py step` says how long a step takes against its floor; this says which part is over it. Each part's time
 is exclusive (a part called inside another counts once, in the inner one), on the main thread only (the reward
 thread scores finished rows while others decode), and the step's own remainder is what no timer covers:
 database, group building, metrics. Medians are over the trained steps after the first (which also chooses the
-machine's product kernels), as `bench.py step`. The timers cost a few microseconds a call: a share is exact to
+machine's product kernels), as `scripts/bench.py step`. The timers cost a few microseconds a call: a share is exact to
 about that, the absolute seconds are a little above an untimed run's. Nothing here changes what the run does.
 """
 import argparse
@@ -92,7 +92,8 @@ def timed(timers):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m scripts.stepprofile", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="Hugging Face folder or embedded name (default: SmolLM2-135M)")
     ap.add_argument("--task-id", default="river", help="Semantle target: a tuning one, never one of the paper's ten")
     ap.add_argument("--budget", type=int, default=80, help="oracle calls of the profiled run (20 warm start)")
@@ -104,18 +105,18 @@ def main():
                     help="run.py flags for the profiled runs, e.g. --extra --learner-dtype bfloat16")
     args = ap.parse_args()
     import run
-    from bench import machine, step_argv
+    from scripts.bench import machine, step_argv
     timers = Timers()
     with tempfile.TemporaryDirectory() as folder:
         with timed(timers), contextlib.redirect_stdout(sys.stderr):
             rc = run.main(step_argv(args.model, args.budget, args.kl_coef, folder, args.task_id) + args.extra)
     if rc != 0:  # run.py has printed its own one-line error
-        print(f"error: stepprofile.py: the profiled run.py exited with status {rc} (its error is above)",
+        print(f"error: scripts/stepprofile.py: the profiled run.py exited with status {rc} (its error is above)",
               file=sys.stderr)
         sys.exit(rc)
     trained = [s for s in timers.steps[1:] if (s["metrics"] or {}).get("loss") is not None]
     if not trained:
-        print(f"error: stepprofile.py: no trained step after the first in {args.budget} oracle calls; raise "
+        print(f"error: scripts/stepprofile.py: no trained step after the first in {args.budget} oracle calls; raise "
               "--budget, or use a model whose guesses are words", file=sys.stderr)
         sys.exit(2)
     labels = [label for label, _, _ in PARTS]
@@ -139,7 +140,7 @@ def profile_ops(args, where, attr, n):
     so this ranks them; it does not time them. Also the wall seconds of the profiled calls, and what they
     worked on (learner: its trained members, which differ between runs)."""
     import run
-    from bench import step_argv
+    from scripts.bench import step_argv
     from torch.profiler import ProfilerActivity, profile
     import search
     owner = _owner(where)

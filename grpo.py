@@ -22,11 +22,10 @@ from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 
-from cpu_linear import frozen_products, use_fast_linear
 from lora import lora_disabled, lora_parameters
 from sampling import Rollout
-from shared_prompt import completion_logprobs, pad, prompt_states
 from tasks import Preset
 
 ROLES = ("on-policy", "greedy", "neighbour")  # a member's role in its group (database.SOURCES: where a
@@ -51,10 +50,12 @@ class GRPOConfig:
     lr_schedule: str = "constant"  # "constant" | "linear": warm-up over warmup_ratio, then decay to 0
     warmup_ratio: float = 0.0
     planned_steps: int = 0  # optimiser steps the linear schedule spans (groups x mu)
-    tokens_per_microbatch: int = 4096  # completion tokens per forward/backward chunk (memory, not maths)
+    # The fast learner's (fast/shared_prompt.py): completion tokens per forward/backward chunk and recomputing
+    # layers in backward (memory, not maths); "bfloat16": the frozen base weights multiply in bfloat16
+    # (fast/cpu_linear.frozen_products; adapters, sums and gradients stay float32), faster where the CPU has
+    # bfloat16 instructions, other numbers (docs/performance.md).
+    tokens_per_microbatch: int = 4096
     activation_checkpointing: bool = False
-    # "bfloat16": the frozen base weights multiply in bfloat16 in the learner (cpu_linear.frozen_products; adapters,
-    # sums and gradients stay float32). Faster where the CPU has bfloat16 instructions; changes the numbers (docs/performance.md).
     learner_dtype: str = "float32"
 
     def __post_init__(self):
@@ -83,6 +84,22 @@ def group_advantages(rewards: torch.Tensor, scale_std=False, eps=1e-4) -> torch.
     """(N,) rewards -> (N,) advantages, centred on the group mean (and divided by its std if asked)."""
     adv = rewards - rewards.mean()
     return adv / (rewards.std() + eps) if scale_std else adv
+
+
+def pad(completions: list[list[int]], device):
+    """Token lists -> (N, T) ids (zeros after each end) on `device`, (N,) lengths."""
+    lengths = torch.tensor([len(c) for c in completions])
+    ids = torch.zeros(len(completions), int(lengths.max()), dtype=torch.long)
+    for i, c in enumerate(completions):
+        ids[i, :len(c)] = torch.tensor(c)
+    return ids.to(device), lengths
+
+
+def target_logprobs(model, h, targets):
+    """log p(targets) (rows, T) from hidden states (rows, T, C). Cross-entropy fuses log-softmax and the gather,
+    and its backward (softmax - one-hot) needs no (rows, T, V) scatter of zeros."""
+    logits = model.logits(h).float()  # (rows, T, V)
+    return -F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
 
 
 def length_mask(lengths: torch.Tensor, T: int) -> torch.Tensor:
@@ -137,17 +154,20 @@ def grpo_loss(logp, mask, adv, cfg: GRPOConfig, n_seqs, n_tokens, old_logp=None,
 
 
 class Learner:
-    """GRPO updates of a LoRA-wrapped model, one group at a time."""
+    """GRPO updates of a LoRA-wrapped model, one group at a time, in plain PyTorch: every member's prompt and
+    completion through the model, the loss, its backward. fast/shared_prompt.SharedPromptLearner is the same learner
+    with the task prompt run once for the whole group (run.py uses it; a test proves the two equal)."""
+
+    products = ("float32",)  # the learner dtypes (GRPOConfig.learner_dtype) this learner multiplies in
 
     def __init__(self, model, cfg: GRPOConfig):
+        assert cfg.learner_dtype in self.products, \
+            f"learner_dtype {cfg.learner_dtype}: bfloat16 products are fast/shared_prompt.SharedPromptLearner's"
         self.model, self.cfg = model, cfg
-        if cfg.learner_dtype != "float32":  # the frozen products go through cpu_linear's route, where the dtype applies
-            use_fast_linear(model)
         self.params = lora_parameters(model)
         assert self.params, "the learner trains LoRA adapters: inject them first"
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_factor(cfg))
-        self._base_prompt = None  # (prompt ids, the base policy's prompt pass): it never changes during a run
 
     def step(self, prompt_ids: list[int], members: list[Rollout]) -> dict:
         """Train on one group for mu inner epochs. Returns statistics for metrics.jsonl."""
@@ -163,15 +183,13 @@ class Learner:
             stats["skipped"] = "no reward spread" if stats["zero_spread"] else "no member to train"
             return stats
         # 2. Every trained member as a completion of the task prompt, whatever prompt it was sampled under.
-        keep.sort(key=lambda i: len(members[i].ids))  # similar lengths share a micro-batch
+        keep.sort(key=lambda i: len(members[i].ids))  # similar lengths side by side (the fast path's micro-batches)
         rows = [members[i] for i in keep]
         dev = self.model.lm_head.weight.device
         ids, lengths = pad([m.ids for m in rows], dev)  # (N, T), (N,)
         mask = length_mask(lengths, ids.shape[1]).to(dev)
         gen, is_ns = self._behaviour_logprobs(rows, ids.shape[1], dev)
-        ref = None
-        if cfg.kl_coef > 0:
-            ref = self.base_logprobs(prompt_ids, ids, lengths)
+        ref = self.base_logprobs(prompt_ids, ids, lengths) if cfg.kl_coef > 0 else None
         per_row = dict(mask=mask, adv=adv[keep].to(dev), gen_logp=gen, is_ns=is_ns, ref_logp=ref)
         # n_seqs: the whole group, as the reference (a masked zero-reward member adds 0 but counts)
         loss_fn = partial(grpo_loss, cfg=cfg, n_seqs=len(members), n_tokens=int(mask.sum()))
@@ -180,7 +198,7 @@ class Learner:
         self.model.train()  # LoRA dropout on
         for epoch in range(cfg.mu):
             self.opt.zero_grad(set_to_none=True)
-            logp, loss = self.logprobs(prompt_ids, ids, lengths, loss_fn, dict(per_row, old_logp=old))
+            logp, loss = self.backward(prompt_ids, ids, lengths, loss_fn, dict(per_row, old_logp=old))
             old = logp if old is None else old
             gnorm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
             if not (torch.isfinite(gnorm) and torch.isfinite(loss)):
@@ -195,13 +213,29 @@ class Learner:
         self.model.eval()
         return stats
 
-    def logprobs(self, prompt_ids, ids, lengths, loss_fn=None, per_row=None, head=None):
-        """(N, T) log-probs of the completions ids (N, T) under the task prompt, and with a loss_fn its value after
-        its backward (shared_prompt.py: the prompt computed once for the group, micro-batches of similar length).
-        The frozen weights multiply in cfg.learner_dtype, here and so in everything the learner computes."""
-        with frozen_products(LEARNER_DTYPES[self.cfg.learner_dtype]):
-            return completion_logprobs(self.model, prompt_ids, ids, lengths, loss_fn, per_row, head,
-                                       self.cfg.tokens_per_microbatch, self.cfg.activation_checkpointing)
+    def backward(self, prompt_ids, ids, lengths, loss_fn, per_row) -> tuple[torch.Tensor, torch.Tensor]:
+        """The group's log-probs (N, T), detached, and its loss after backpropagating it: `loss_fn(logp, **per_row)`."""
+        logp = self.logprobs(prompt_ids, ids, lengths)
+        loss = loss_fn(logp, **per_row)
+        loss.backward()
+        return logp.detach(), loss.detach()
+
+    def logprobs(self, prompt_ids, ids, lengths, head=None) -> torch.Tensor:
+        """(N, T) log-probs of the completions ids (N, T) as continuations of the task prompt: each member's prompt
+        and completion through the model (a row's padding comes after its end, so causal attention keeps it out).
+        `head(rows, h, x)` may replace them by another (rows, T) statistic of the hidden states h (rows, T, C)
+        before the targets x (rows, T) (diagnostics.py)."""
+        N, Tp = ids.shape[0], len(prompt_ids)
+        prompt = torch.tensor(prompt_ids, device=ids.device).expand(N, Tp)
+        x = torch.cat([prompt, ids], dim=1)  # (N, Tp + T)
+        h = self.model.hidden_states(x[:, :-1])[:, Tp - 1:]  # (N, T, C): the state before each completion token
+        return head(slice(0, N), h, ids) if head else target_logprobs(self.model, h, ids)
+
+    @torch.no_grad()
+    def base_logprobs(self, prompt_ids, ids, lengths, head=None) -> torch.Tensor:
+        """`logprobs` under the base policy: LoRA off (the KL pull's reference, the diagnostics' pi_0)."""
+        with lora_disabled(self.model):
+            return self.logprobs(prompt_ids, ids, lengths, head)
 
     def state_dict(self) -> dict:
         """What a resumed run needs of the learner: the adapters, AdamW's moments and the schedule's position."""
@@ -213,18 +247,6 @@ class Learner:
         self.opt.load_state_dict(state["optimizer"])
         if "schedule" in state:  # checkpoints from before the schedule existed ran at a constant rate
             self.schedule.load_state_dict(state["schedule"])
-
-    @torch.no_grad()
-    def base_logprobs(self, prompt_ids, ids, lengths, head=None):
-        """`logprobs` under the base policy (LoRA off: the KL pull's reference, the diagnostics' pi_0), with the
-        prompt's pass made once per run and reused: the base policy's prompt states never change, and an ARC prompt
-        is thousands of tokens."""
-        with lora_disabled(self.model), frozen_products(LEARNER_DTYPES[self.cfg.learner_dtype]):
-            if self._base_prompt is None or self._base_prompt[0] != list(prompt_ids):
-                self._base_prompt = (list(prompt_ids), prompt_states(self.model, prompt_ids))
-            return completion_logprobs(self.model, prompt_ids, ids, lengths, head=head,
-                                       tokens_per_microbatch=self.cfg.tokens_per_microbatch,
-                                       states=self._base_prompt[1])[0]
 
     def _behaviour_logprobs(self, rows, T, dev):
         """(N, T) sampler log-probs of NS members under their NS prompt, and which rows are NS; or Nones."""

@@ -135,7 +135,7 @@ def plan_memory(cfg, *, prompt_tokens: int, rows: int, max_new_tokens: int, lora
     the learner runs and rebuilt for each group's sampling, else not made (decoding through the modules is slower),
     and then the learner keeps less (smaller micro-batches, layers recomputed); if even that does not fit,
     DoesNotFit."""
-    from shared_prompt import LOGITS_BYTES
+    from fast.shared_prompt import LOGITS_BYTES
     available = available_memory() if available is None else available
     f, L, C = dtype_bytes, cfg.num_hidden_layers, cfg.hidden_size
     kv_token = L * 2 * cfg.num_key_value_heads * cfg.head_dim * f  # keys and values of one token, every layer
@@ -191,7 +191,7 @@ def plan_run(cfg: dict, task, trains: bool, prompt_tokens: int | None = None,
     tokens (a digit is a token for Qwen's tokenizer; the tokenizers here merge more than that elsewhere). A run that
     cannot fit raises DoesNotFit, its message naming an embedded model that fits."""
     from weights.default_model import EMBEDDED, canonical, model_config
-    from packing import KERNELS, PACK_MIN
+    from fast.packing import KERNELS, PACK_MIN
     mcfg = model_config(cfg["model"])
     if cfg["device"] != "cpu" or mcfg is None:
         return None

@@ -117,7 +117,7 @@ def resolve(args):
     flags no preset sets) -> the full configuration recorded in config.json, where each value comes from, and the
     task it built to read its preset and default id (handed on to `run`, which would otherwise build it again)."""
     from grpo import GRPOConfig as G
-    from packing import PACK_ROWS
+    from fast.packing import PACK_ROWS
     from search import METHODS, SearchConfig as S
     from tasks import load_task
     options = task_options(args.task_option)
@@ -194,7 +194,7 @@ def resolve(args):
                          "GPU use --dtype")
     for flag, which in (("--sample-weights", args.sample_weights), ("--learner-dtype", args.learner_dtype)):
         if args.device == "cpu":
-            from packing import missing_product
+            from fast.packing import missing_product
             reason = missing_product(which)
             if reason:  # they exist only to be faster: say so, not run slower or fail later
                 raise UsageError(f"{flag} {which}: {reason}; use float32")
@@ -269,13 +269,14 @@ def run(cfg, *, resume=False, task=None) -> int:
     built for it, else it is built here. Returns 0."""
     import torch
     from atomic import write_atomically
-    from cpu_linear import use_fast_linear
+    from fast.cpu_linear import use_fast_linear
     from database import Database
     from weights.default_model import canonical, model_path
-    from grpo import GRPOConfig, Learner
+    from fast.shared_prompt import SharedPromptLearner
+    from grpo import GRPOConfig
     from lora import inject_lora, save_adapter
     from model import load_model
-    from packing import CopyRefused
+    from fast.packing import CopyRefused
     from plan import DoesNotFit, expected, measure, minutes, plan_run, step_seconds
     from sampling import Sampler
     from search import METHODS, Search, SearchConfig
@@ -308,8 +309,8 @@ def run(cfg, *, resume=False, task=None) -> int:
     learner = None
     if trains:
         inject_lora(model, cfg["lora_r"], cfg["lora_alpha"], tuple(cfg["lora_targets"]), cfg["lora_dropout"])
-        learner = Learner(model, config_of(GRPOConfig, cfg))
-    use_fast_linear(model)  # the products through the library this machine measured fastest (cpu_linear.py)
+        learner = SharedPromptLearner(model, config_of(GRPOConfig, cfg))  # grpo.Learner, the prompt run once
+    use_fast_linear(model)  # the products through the library this machine measured fastest (fast/cpu_linear.py)
     prompt_ids = tok.encode(tok.apply_chat_template(task.prompt()) + task.answer_prefix)
     if plan:  # the same memory, the prompt's real length (at most the estimate: it fits)
         plan = plan_run(cfg, task, trains, len(prompt_ids), plan.available)
@@ -479,7 +480,7 @@ def time_left(history, calls_left) -> str:
 
 
 def summarise(cfg, task, db, search, reason, wall):
-    from cpu_linear import machine
+    from fast.cpu_linear import machine
     from tasks import Score
     best = db.best()
     scored = db.scored()

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from packing import PACK_ROWS, CopyRefused, PackedDecoder
+from fast.packing import PACK_ROWS, CopyRefused, PackedDecoder
 
 SHARE_MIN = 128  # a common prefix shorter than this is not worth a separate attention pass
 CDF_BLOCK = 256  # tokens per block of the two-level inverse-CDF search (sample)
@@ -223,7 +223,7 @@ class Sampler:
         self.static = compile
         if compile and weights != "float32":
             raise CopyRefused(weights, "a compiled decode step runs the model's own weights")
-        # "int8", "bfloat16": decode on such copies (packing.py); copies_room: the bytes a memory plan gives them
+        # "int8", "bfloat16": decode on such copies (fast/packing.py); copies_room: the bytes a memory plan gives them
         self.packed = PackedDecoder(model, weights, room=copies_room)
         self._step = None
         if compile:

@@ -14,7 +14,7 @@ import torch
 
 from weights.default_model import default_model_path, tiny_model_path
 from weights.gguf_convert import unpermute_rope_rows
-from cpu_linear import linear
+from fast.cpu_linear import linear
 from model import ModelError, build_model, load_model
 from sampling import Sampler
 
@@ -101,7 +101,7 @@ def test_smollm2_logits_match_transformers(smol, smol_hf, monkeypatch, products)
     # With MKL's sgemm for every product, as transformers' F.linear, the math must agree to 1e-4. With the
     # library this machine measured fastest (oneDNN on an AMD EPYC), the products sum in another order: the
     # logits then agree to float32 rounding of the largest one (1e-5 relative; 1.75e-4 of 26 seen).
-    import cpu_linear as M
+    import fast.cpu_linear as M
     _, model, tok = smol
     if products == "mkl":
         monkeypatch.setattr(M, "_CPU_PRODUCTS", {1: "mkl", 2: "mkl"})
@@ -118,7 +118,7 @@ def test_smollm2_logits_match_transformers(smol, smol_hf, monkeypatch, products)
 def test_every_cpu_product_path_equals_linear(monkeypatch, way):
     # cpu_linear.linear multiplies by the library measured fastest here (W @ x^T for few rows, oneDNN, or MKL's
     # F.linear): each must agree with F.linear up to float32 rounding, forward and backward.
-    import cpu_linear as M
+    import fast.cpu_linear as M
     if way == "onednn" and not torch.backends.mkldnn.is_available():
         pytest.skip("no oneDNN in this torch build")
     monkeypatch.setattr(M, "_CPU_PRODUCTS", {1: way, 2: way})
@@ -141,7 +141,7 @@ def test_frozen_products_in_bfloat16():
     # The learner's opt-in bfloat16 route (cpu_linear.frozen_products): a frozen weight's product and input
     # gradient are bfloat16's rounding away from float32's, never float32's exactly (the route is taken); a
     # trained weight multiplies in float32 as outside; the kept copy follows an in-place change of the weight.
-    import cpu_linear as M
+    import fast.cpu_linear as M
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(1536, 576, generator=g), torch.randn(1536, generator=g)
     x = torch.randn(2, 40, 576, generator=g, requires_grad=True)

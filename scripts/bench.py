@@ -32,10 +32,10 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from cpu_linear import machine, use_fast_linear
+from fast.cpu_linear import machine, use_fast_linear
 from weights.default_model import model_path
 from model import ModelError, load_model
-from packing import KERNELS, CopyRefused, missing_product
+from fast.packing import KERNELS, CopyRefused, missing_product
 from sampling import Sampler
 
 PROMPT = "Write a short story about a robot who learns to paint."  # 42 tokens once chat-templated (SmolLM2)
@@ -155,7 +155,8 @@ def toy_reward(text):
 def bench_grpo(args):
     """One GRPO iteration (sample G completions, score, one clipped-loss update of LoRA r=16 on q/v) for us and
     for TRL's GRPOTrainer with a PEFT LoRA of the same shape, on the same weights, float32 CPU."""
-    from grpo import GRPOConfig, Learner
+    from fast.shared_prompt import SharedPromptLearner
+    from grpo import GRPOConfig
     from lora import inject_lora
 
     path = model_path(args.model)
@@ -168,7 +169,7 @@ def bench_grpo(args):
     settings = [(w, d) for d in args.learner_dtypes for w in args.weights]  # sampler copies x learner dtypes
     for weights, learner_dtype in settings:
         key = weights + ("" if learner_dtype == "float32" else f"_learner_{learner_dtype}")
-        learner = Learner(model, GRPOConfig(lr=1e-5, mu=1, learner_dtype=learner_dtype))
+        learner = SharedPromptLearner(model, GRPOConfig(lr=1e-5, mu=1, learner_dtype=learner_dtype))
         sampler, ours[key] = Sampler(model, tok, weights=weights), []
         for it in range(args.iterations + 1):  # the first is warm-up
             t = time.perf_counter()
@@ -370,7 +371,8 @@ def bench_gpu(args):
     same bf16 weights, the share of the memory-bandwidth roofline reached at batch 1, and one GRPO iteration
     on an ARC-sized group (~4k-token prompt, G=16, 512 new tokens): seconds and peak memory."""
     from transformers import AutoModelForCausalLM, AutoConfig
-    from grpo import GRPOConfig, Learner
+    from fast.shared_prompt import SharedPromptLearner
+    from grpo import GRPOConfig
     from lora import inject_lora
     from model import build_model
     assert torch.cuda.is_available(), "scripts/bench.py gpu needs a CUDA GPU"
@@ -410,7 +412,7 @@ def bench_gpu(args):
             rows.append(row)
             print(json.dumps({cname: row}), file=sys.stderr, flush=True)
         inject_lora(model, r=128, alpha=32)
-        learner = Learner(model, GRPOConfig(lr=1e-5, mu=1, activation_checkpointing=True))
+        learner = SharedPromptLearner(model, GRPOConfig(lr=1e-5, mu=1, activation_checkpointing=True))
         g = torch.Generator().manual_seed(0)
         arc_prompt = torch.randint(0, cfg["vocab_size"], (4000,), generator=g).tolist()
         torch.cuda.reset_peak_memory_stats()

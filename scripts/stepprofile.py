@@ -31,8 +31,8 @@ PARTS = [
     (LOOP, "sampling.Sampler", "generate"),
     ("sampling: prefill (model modules)", "model.Transformer", "hidden_states"),
     ("sampling: head at prefill", "model.Transformer", "logits"),
-    ("sampling: repacking weights after an update", "packing.PackedDecoder", "prepare"),
-    ("sampling: packed decode step", "packing.PackedDecoder", "step"),
+    ("sampling: repacking weights after an update", "fast.packing.PackedDecoder", "prepare"),
+    ("sampling: packed decode step", "fast.packing.PackedDecoder", "step"),
     ("sampling: choosing tokens", "sampling", "sample"),
     ("sampling: detokenizing (stop checks, texts)", "tokenizer.Tokenizer", "decode"),
     ("sampling: cache row copies", "sampling.KVCache", "select_rows"),
@@ -72,8 +72,11 @@ class Timers:
 def _owner(owner):
     """"module.Class" -> the class, "module" -> the module: where a timed or profiled function lives."""
     import importlib
-    mod, _, cls = owner.partition(".")
-    return getattr(importlib.import_module(mod), cls) if cls else importlib.import_module(mod)
+    try:
+        return importlib.import_module(owner)
+    except ModuleNotFoundError:
+        mod, _, cls = owner.rpartition(".")  # "fast.packing.PackedDecoder": a class of a module in a folder
+        return getattr(importlib.import_module(mod), cls)
 
 
 @contextlib.contextmanager

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import grpo
-import shared_prompt
+import fast.shared_prompt as shared_prompt
+from fast.shared_prompt import SharedPromptLearner
 from database import Database, Row
 from weights.default_model import tiny_model_path
 from grpo import (GRPOConfig, Learner, clipped_token_loss, group_advantages, length_mask,
@@ -161,7 +162,7 @@ def test_one_step_moves_lora_and_not_the_base(tiny):
     assert all(not torch.equal(p, lora[n]) for n, p in model.named_parameters() if p.requires_grad)
 
 
-def test_shared_prompt_gradient_equals_per_member_gradient(tiny, monkeypatch):
+def test_the_plain_and_the_fast_learner_give_the_per_member_gradient(tiny, monkeypatch):
     model, tok = tiny
     inject_lora(model, r=4, alpha=8)
     randomise_lora(model)
@@ -174,13 +175,17 @@ def test_shared_prompt_gradient_equals_per_member_gradient(tiny, monkeypatch):
         lp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(m.ids)[:, None])[:, 0]
         total = total + clipped_token_loss(lp[None], lp[None].detach(), a[None]).mean() / len(group)
     total.backward()
+    # grpo.Learner (every member's prompt and completion through the model), then the fast learner with
     # micro-batches of 8 tokens; every layer recomputed in backward; logits two positions at a time (each chunk
     # recomputed in backward too: what bounds a long group's logits, shared_prompt.LOGITS_BYTES)
-    for cfg, logits_bytes in [(GRPOConfig(mu=1, tokens_per_microbatch=8), shared_prompt.LOGITS_BYTES),
-                              (GRPOConfig(mu=1, activation_checkpointing=True), shared_prompt.LOGITS_BYTES),
-                              (GRPOConfig(mu=1), 2 * 4 * model.config.vocab_size)]:
+    for kind, cfg, logits_bytes in [(Learner, GRPOConfig(mu=1), shared_prompt.LOGITS_BYTES),
+                                    (SharedPromptLearner, GRPOConfig(mu=1, tokens_per_microbatch=8),
+                                     shared_prompt.LOGITS_BYTES),
+                                    (SharedPromptLearner, GRPOConfig(mu=1, activation_checkpointing=True),
+                                     shared_prompt.LOGITS_BYTES),
+                                    (SharedPromptLearner, GRPOConfig(mu=1), 2 * 4 * model.config.vocab_size)]:
         monkeypatch.setattr(shared_prompt, "LOGITS_BYTES", logits_bytes)
-        learner = Learner(copy.deepcopy(model), cfg)
+        learner = kind(copy.deepcopy(model), cfg)
         learner.opt.step = lambda: None  # compare gradients, not updates
         learner.cfg.max_grad_norm = 1e9
         learner.step(prompt, group)
@@ -189,25 +194,27 @@ def test_shared_prompt_gradient_equals_per_member_gradient(tiny, monkeypatch):
 
 
 def test_the_base_policys_prompt_pass_is_made_once_and_stays_the_base_policys(tiny, monkeypatch):
-    # grpo.Learner.base_logprobs (the KL pull's reference, the diagnostics' pi_0) reuses one prompt pass for the
-    # run: equal to the plain LoRA-off computation, still the base policy's after updates, and made again for
-    # another prompt.
+    # The fast learner's base_logprobs (the KL pull's reference, the diagnostics' pi_0) reuses one prompt pass for
+    # the run: equal to the LoRA-off computation without it, still the base policy's after updates, made again for
+    # another prompt; and within float rounding of the plain learner's.
     model, tok = tiny
     inject_lora(model, r=4, alpha=8)
     randomise_lora(model)
-    learner = Learner(model, GRPOConfig(lr=1e-2, mu=1))
+    learner = SharedPromptLearner(model, GRPOConfig(lr=1e-2, mu=1))
     passes = []
     real = shared_prompt.prompt_states
-    monkeypatch.setattr(grpo, "prompt_states", lambda m, p: passes.append(len(p)) or real(m, p))
+    monkeypatch.setattr(shared_prompt, "prompt_states", lambda m, p: passes.append(len(p)) or real(m, p))
     prompt, group = tok.encode("a prompt of some length"), members(tok, [0.2, 0.9, 0.5, 0.1])
-    ids, lengths = shared_prompt.pad(sorted((m.ids for m in group), key=len), "cpu")
+    ids, lengths = grpo.pad(sorted((m.ids for m in group), key=len), "cpu")
 
     def plain():
         with torch.no_grad(), lora_disabled(model):
             return shared_prompt.completion_logprobs(model, prompt, ids, lengths)[0]
     first = learner.base_logprobs(prompt, ids, lengths)
     assert torch.equal(first, plain())
-    assert not torch.equal(first, learner.logprobs(prompt, ids, lengths)[0]), "the adapter changes the policy"
+    mask = length_mask(lengths, ids.shape[1])
+    assert torch.allclose(first * mask, Learner.base_logprobs(learner, prompt, ids, lengths) * mask, atol=1e-5)
+    assert not torch.equal(first, learner.logprobs(prompt, ids, lengths)), "the adapter changes the policy"
     learner.step(prompt, group)
     assert torch.equal(learner.base_logprobs(prompt, ids, lengths), first) and torch.equal(first, plain())
     other = tok.encode("another prompt")
@@ -224,7 +231,7 @@ def test_bfloat16_learner_follows_the_float32_gradient(tiny):
     prompt, group = tok.encode("a prompt of some length"), members(tok, [0.2, 0.9, 0.5, 0.1])
     grads = {}
     for dtype in ("float32", "bfloat16"):
-        learner = Learner(copy.deepcopy(model), GRPOConfig(mu=1, learner_dtype=dtype, max_grad_norm=1e9))
+        learner = SharedPromptLearner(copy.deepcopy(model), GRPOConfig(mu=1, learner_dtype=dtype, max_grad_norm=1e9))
         learner.opt.step = lambda: None  # compare gradients, not updates
         assert learner.step(prompt, group)["skipped"] is None
         grads[dtype] = torch.cat([p.grad.flatten() for p in learner.params])
@@ -234,6 +241,8 @@ def test_bfloat16_learner_follows_the_float32_gradient(tiny):
     assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.99 and 0.9 < b.norm() / a.norm() < 1.1
     with pytest.raises(AssertionError, match="learner_dtype 'float16'"):
         GRPOConfig(learner_dtype="float16")
+    with pytest.raises(AssertionError, match="SharedPromptLearner"):  # the plain learner multiplies in float32
+        Learner(model, GRPOConfig(learner_dtype="bfloat16"))
 
 
 def test_bfloat16_opt_ins_are_refused_where_the_cpu_has_no_bfloat16_products(tmp_path):

@@ -288,7 +288,7 @@ def test_the_report_names_the_machine_behind_its_wall_times(done, tmp_path):
     """Wall seconds hold for one CPU: every summary names the machine it ran on, and the report counts the runs
     per machine, runs from before summary.json named it among them, so a grid done in pieces says it spans two."""
     import shutil
-    from cpu_linear import machine
+    from fast.cpu_linear import machine
     out, _ = done
     here, s = machine(), summaries(out)
     assert all((v["machine"]["cpu"], v["machine"]["isa"]) == (here["cpu"], here["isa"]) for v in s.values()), s

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import plan
-from cpu_linear import use_fast_linear
+from fast.cpu_linear import use_fast_linear
 from weights.default_model import EMBEDDED, TINY_CONFIG, model_config
 from lora import inject_lora
 from model import ModelConfig, build_model, count_parameters

@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from weights.default_model import tiny_model_path
 from model import build_model, load_model
-import packing
+import fast.packing as packing
 import sampling
 from sampling import Sampler, sampling_logits
 
@@ -210,7 +210,7 @@ def test_kernels_are_measured_once_per_machine_not_per_process(tiny, monkeypatch
     its own way, so a seeded run's samples depended on the process. The choice is now kept per machine: a
     new decoder (what a new process starts with) takes the stored choice without timing; another thread
     count is another machine; a damaged store is measured again and rewritten. cpu_linear's route likewise."""
-    import cpu_linear
+    import fast.cpu_linear as cpu_linear
     model = wide()
     if not packing.PackedDecoder(model).available:
         pytest.skip("no packing kernel in this torch build")

@@ -24,7 +24,7 @@ import sys
 import zipfile
 from dataclasses import dataclass, field
 
-from cpu_linear import cache_dir  # its one home, beside the kernel choices it keeps
+from fast.cpu_linear import cache_dir  # its one home, beside the kernel choices it keeps
 from weights.gguf_convert import convert_gguf
 from model import ModelError
 

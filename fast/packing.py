@@ -11,7 +11,7 @@ k in one call, the cache's slices for the step are cut once for all layers, and 
 Which library packs best depends on the CPU (MKL's packed sgemm on an Intel Xeon, oneDNN's on an AMD EPYC,
 where MKL runs a slower code path), so the float32 kernel is chosen by measurement the first time the sampler
 packs, on the model's own products, and kept for the machine (`KERNELS`, `PackedDecoder.choice`, printed by
-`scripts/bench.py sample`; cpu_linear.py says why once per machine). The
+`scripts/bench.py sample`; fast/cpu_linear.py says why once per machine). The
 int8 kernel (fbgemm: weights quantized per output channel, activations per row batch at run time) reads a
 quarter of the bytes, the bfloat16 one (oneDNN) half; they change the numbers, so they are used only when asked
 (`Sampler(weights="int8")`, `"bfloat16"`).
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from cpu_linear import remembered
+from fast.cpu_linear import remembered
 from lora import LoRALinear
 from model import apply_rope
 

@@ -1,9 +1,9 @@
-"""The group's log-probs with the task prompt computed once: the learner's speed machinery [ours].
+"""The learner with the task prompt computed once for the whole group: the learner's speed machinery [ours].
 
-Plainly, the log-probs of a group's completions under the task prompt are N forward passes over
-prompt + completion (tests/test_engine.py computes them so, and proves this file's gradient equal to theirs).
-ARC prompts are thousands of tokens and completions a few dozen, so that would spend nearly all the time on N
-copies of the same prompt. Here:
+Plainly (grpo.Learner), the log-probs of a group's completions under the task prompt are N forward passes over
+prompt + completion. ARC prompts are thousands of tokens and completions a few dozen, so that spends nearly all
+the time on N copies of the same prompt. SharedPromptLearner is the same learner with this file's passes (run.py
+builds it; tests/test_engine.py proves the two give the same gradient):
 - the prompt runs once (batch 1) and its keys/values are kept with their graph (`PromptRecorder`);
 - completions attend to them, expanded over the rows without a copy (`SharedPrefix`), in micro-batches of
   similar length, each as wide as its longest row;
@@ -13,6 +13,10 @@ copies of the same prompt. Here:
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from fast.cpu_linear import frozen_products, use_fast_linear
+from grpo import LEARNER_DTYPES, Learner
+from lora import lora_disabled
 
 LOGITS_BYTES = 1 << 27  # float32 logits (positions x vocabulary) computed at once: 128 MiB, ~220 positions of
 #                        a 152k vocabulary; under autograd each such chunk is recomputed in backward, not kept
@@ -75,15 +79,6 @@ def prompt_states(model, prompt_ids: list[int]):
     rec = PromptRecorder()
     h = model.hidden_states(torch.tensor([prompt_ids], device=model.lm_head.weight.device), cache=rec)
     return h[:, -1:], rec.k, rec.v
-
-
-def pad(completions: list[list[int]], device):
-    """Token lists sorted by length -> (N, T) ids (zeros after each end) on `device`, (N,) lengths."""
-    lengths = torch.tensor([len(c) for c in completions])
-    ids = torch.zeros(len(completions), int(lengths.max()), dtype=torch.long)
-    for i, c in enumerate(completions):
-        ids[i, :len(c)] = torch.tensor(c)
-    return ids.to(device), lengths
 
 
 def microbatches(lengths: list[int], tokens: int) -> list[slice]:
@@ -164,3 +159,41 @@ def completion_logprobs(model, prompt_ids: list[int], ids, lengths, loss_fn=None
         if pairs:
             torch.autograd.backward([r for r, _ in pairs], [g for _, g in pairs])
     return out, torch.tensor(total)
+
+
+class SharedPromptLearner(Learner):
+    """grpo.Learner with the prompt run once a group (this file's passes), in micro-batches of similar length,
+    layers recomputed in backward when asked (GRPOConfig.activation_checkpointing), the frozen weights multiplied in
+    GRPOConfig.learner_dtype, and the base policy's prompt pass made once for the run."""
+
+    products = tuple(LEARNER_DTYPES)
+
+    def __init__(self, model, cfg):
+        super().__init__(model, cfg)
+        if cfg.learner_dtype != "float32":  # the frozen products go through cpu_linear's route, where it applies
+            use_fast_linear(model)
+        self._base_prompt = None  # (prompt ids, the base policy's prompt pass): it never changes during a run
+
+    def _products(self):
+        return frozen_products(LEARNER_DTYPES[self.cfg.learner_dtype])
+
+    def backward(self, prompt_ids, ids, lengths, loss_fn, per_row):
+        with self._products():
+            return completion_logprobs(self.model, prompt_ids, ids, lengths, loss_fn, per_row, None,
+                                       self.cfg.tokens_per_microbatch, self.cfg.activation_checkpointing)
+
+    def logprobs(self, prompt_ids, ids, lengths, head=None):
+        with self._products():
+            return completion_logprobs(self.model, prompt_ids, ids, lengths, head=head,
+                                       tokens_per_microbatch=self.cfg.tokens_per_microbatch)[0]
+
+    @torch.no_grad()
+    def base_logprobs(self, prompt_ids, ids, lengths, head=None):
+        """The prompt's pass under the base policy made once per run and reused: its states never change, and an
+        ARC prompt is thousands of tokens."""
+        with lora_disabled(self.model), self._products():
+            if self._base_prompt is None or self._base_prompt[0] != list(prompt_ids):
+                self._base_prompt = (list(prompt_ids), prompt_states(self.model, prompt_ids))
+            return completion_logprobs(self.model, prompt_ids, ids, lengths, head=head,
+                                       tokens_per_microbatch=self.cfg.tokens_per_microbatch,
+                                       states=self._base_prompt[1])[0]

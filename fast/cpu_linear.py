@@ -7,7 +7,7 @@ is measured rather than chosen by vendor; docs/performance.md has the figures pe
 model.py and lora.py build plain nn.Linear; `use_fast_linear(model)`, applied where a model runs (run.py, scripts/bench.py,
 as gpt-fast compiles its decode step where it is used), routes them here; tests prove every route equal to F.linear.
 
-Measured once per machine, not per process (`remembered`, shared with packing.py's kernels): the routes are
+Measured once per machine, not per process (`remembered`, shared with fast/packing.py's kernels): the routes are
 often near-ties, so timing them picked a different mix in each of four fresh processes on an AMD EPYC, and each
 route rounds float32 sums its own way. A seeded run's samples then depended on which process ran it, and a run
 resumed after a kill changed kernels halfway. The choice is kept in $MIGRATE_CACHE/kernels.json, per CPU, torch

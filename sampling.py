@@ -18,12 +18,10 @@ from fast.packing import PACK_ROWS, CopyRefused, PackedDecoder
 
 SHARE_MIN = 128  # a common prefix shorter than this is not worth a separate attention pass
 CDF_BLOCK = 256  # tokens per block of the two-level inverse-CDF search (sample)
-# Repack for a smaller batch only if (rows dropped) x (steps that may remain) reaches this. `scripts/bench.py repack`
-# on an Intel Xeon (2 threads), packed float32: a finished row riding along costs 1.4 ms a step for SmolLM2 and
-# 10.5 ms for Qwen2.5-1.5B (~5% of a small batch's step), a repack 0.1-0.5 s and 2.4-6.1 s, paid twice since
-# the next call packs its full batch again: 400-640 row-steps, rounded up because the steps left are an upper
-# bound. Dropping 2 of 5 rows never repays it (it cost a coder-model molecule step 6-12 s); 12 of 16 for 90
-# steps does.
+# Repack for a smaller batch only if (rows dropped) x (steps that may remain) reaches this: a finished row riding
+# along in the packed step costs a few percent of a small batch's step, a repack is paid twice (the next call packs
+# its full batch again), and `python -m scripts.bench repack` measured the break-even at 400-640 row-steps for both
+# embedded models, rounded up because the steps left are an upper bound (docs/performance.md, "A coder-model step").
 REPACK_ROW_STEPS = 1000
 
 
@@ -112,7 +110,7 @@ class KVCache:
         B, H, T, D = q.shape
         g = H // kr.shape[1]
         # Fold each kv head's g query heads into the query axis, (B, H_kv, g*T, D): keys and values are read
-        # once per kv head and never repeated (3x faster than enable_gqa's copy for one-token decode).
+        # once per kv head and never repeated (faster than enable_gqa's copy for one-token decode).
         qr = q.reshape(B, -1, g * T, D)
         mask = attn_mask if T == 1 else attn_mask.repeat(1, 1, g, 1)  # (B, 1, g*T, S): same for each head
         if self.prefix_len == 0:
@@ -176,8 +174,8 @@ def sample(logits, temperature, top_k, top_p, u):
 
     Inverse-CDF sampling with one uniform number per row, in two levels: the row's probability mass summed
     over blocks of CDF_BLOCK tokens, a search among the blocks, then a search inside the chosen block. A
-    cumsum over the whole vocabulary is a sequential scan (0.6 ms for 16 x 49k on our CPU) and
-    torch.multinomial draws one exponential per entry (21 ms); this costs one exp pass and block sums.
+    cumsum over the whole vocabulary is a sequential scan and torch.multinomial draws one exponential per entry,
+    both far slower for a decoding batch (docs/performance.md); this costs one exp pass and block sums.
     """
     if temperature == 0:
         tok = logits.argmax(-1)

@@ -8,7 +8,7 @@ model.py and lora.py build plain nn.Linear; `use_fast_linear(model)`, applied wh
 as gpt-fast compiles its decode step where it is used), routes them here; tests prove every route equal to F.linear.
 
 Measured once per machine, not per process (`remembered`, shared with fast/packing.py's kernels): the routes are
-often near-ties, so timing them picked a different mix in each of four fresh processes on an AMD EPYC, and each
+often near-ties, so timing them could pick a different mix in each fresh process, and each
 route rounds float32 sums its own way. A seeded run's samples then depended on which process ran it, and a run
 resumed after a kill changed kernels halfway. The choice is kept in $MIGRATE_CACHE/kernels.json, per CPU, torch
 version and thread count; delete the file to measure again.
@@ -36,7 +36,7 @@ def frozen_products(dtype):
     """Within it, `linear` multiplies a frozen float32 weight (requires_grad False: the base model under LoRA)
     in `dtype`, forward and input gradient, from a copy of the weight kept in that dtype; the activations are
     rounded to `dtype` for the product only, and sums, outputs and gradients stay float32. For the learner
-    (GRPOConfig.learner_dtype): a CPU with bfloat16 instructions multiplies at 2-2.4x its float32 rate. Trained
+    (GRPOConfig.learner_dtype): a CPU with bfloat16 instructions multiplies faster than in float32. Trained
     weights (the adapters) always multiply in float32."""
     saved, _PRODUCT_DTYPE[0] = _PRODUCT_DTYPE[0], dtype
     try:
@@ -77,9 +77,8 @@ class _OneDNNLinear(torch.autograd.Function):
 
     The input gradient grad @ W is the forward's product with W transposed, as many flops: by aten's mm it is
     MKL's sgemm, the library the measurement that chose this route found slower on this CPU. oneDNN reads W
-    transposed in place (a strided view, no copy): on an AMD EPYC (Zen 4) the learner's step spent 1.1 s of 2.6
-    in mm, half again as long as the forward's products (docs/performance.md, "The same benchmarks on an AMD EPYC with
-    AVX-512")."""
+    transposed in place (a strided view, no copy), where aten's mm took longer than the forward's products
+    (docs/performance.md, "The same benchmarks on an AMD EPYC with AVX-512")."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):

@@ -8,8 +8,7 @@ follows a product finds its caches flushed by megabytes of weights and runs abou
 warm. So the step here makes as few calls as it can: q|k|v and gate|up are one product each, RoPE turns q and
 k in one call, the cache's slices for the step are cut once for all layers, and no module is called.
 
-Which library packs best depends on the CPU (MKL's packed sgemm on an Intel Xeon, oneDNN's on an AMD EPYC,
-where MKL runs a slower code path), so the float32 kernel is chosen by measurement the first time the sampler
+Which library packs best depends on the CPU (docs/performance.md has which won where), so the float32 kernel is chosen by measurement the first time the sampler
 packs, on the model's own products, and kept for the machine (`KERNELS`, `PackedDecoder.choice`, printed by
 `scripts/bench.py sample`; fast/cpu_linear.py says why once per machine). The
 int8 kernel (fbgemm: weights quantized per output channel, activations per row batch at run time) reads a
@@ -84,7 +83,7 @@ def _bf16_mm(x, p, rows):
 
 def _bf16_products() -> bool:
     """Whether this CPU's oneDNN multiplies packed bfloat16 weights. It needs AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT
-    and refuses otherwise (on an AVX2-only CPU, unpacked bfloat16 products run ~3x slower than float32), so ask it."""
+    and refuses otherwise (on an AVX2-only CPU, unpacked bfloat16 products run slower than float32), so ask it."""
     if not torch.backends.mkldnn.is_available():
         return False
     try:
@@ -123,7 +122,7 @@ KERNELS = {
     "int8": Kernel("int8", _quantized_engine() is not None, _int8_pack,
                    lambda x, p, rows: torch.ops.quantized.linear_dynamic(x, p, True),
                    torch.ops.quantized.linear_dynamic.default, bytes_per_weight=1),
-    # oneDNN's packed product on bfloat16 copies: half the bytes of float32, and 2-2.4x its product rate on CPUs
+    # oneDNN's packed product on bfloat16 copies: half the bytes of float32, and a faster product on CPUs
     # with bfloat16 instructions (AVX512-BF16, AMX); the activations are rounded to bfloat16 for the product
     "bfloat16": Kernel("bfloat16", _bf16_products(), _bf16_pack, _bf16_mm,
                        torch.ops.mkldnn._linear_pointwise.default, bytes_per_weight=2),
@@ -187,7 +186,7 @@ class PackedDecoder:
     """The packed copy of a model's projections for decoding exactly `rows` rows on a CPU, and its step.
 
     The copy costs memory (one more copy of the weights; a quarter of it in int8, half in bfloat16) and time to
-    build (0.4 s for SmolLM2), so it is kept across calls and rebuilt only for a new row count or when a weight it
+    build, so it is kept across calls and rebuilt only for a new row count or when a weight it
     was made of was replaced or changed in place (an optimiser step on the adapter: only the products holding q
     and v are rebuilt): the tensor and its version counter are checked on every `prepare`. The model itself never
     carries a pack: training, state_dict and deepcopy never see one.

@@ -3,8 +3,8 @@
 Covers Llama 2/3 (with Llama-3 `rope_scaling`), Mistral, Qwen2/2.5 (bias on q/k/v), Qwen3 (q_norm/k_norm,
 explicit head_dim) and SmolLM2. Module names are Hugging Face's, so a checkpoint loads by name with no rename
 table ("strip nothing, load strictly"), and a PEFT adapter's keys line up with ours (shared/STYLE.md, rule 2).
-The KV cache is not here: attention asks an optional `cache` object for the full keys and values
-(sampling.py owns the sampler's cache, grpo.py the training one).
+The KV cache is not here: attention asks an optional `Cache` for the full keys and values (sampling.py owns
+the sampler's cache; fast/shared_prompt.py has the learner's).
 """
 import json
 import math
@@ -168,18 +168,31 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # cos, sin: (B, 1, T, D)
-        if cache is not None and hasattr(cache, "attend"):  # a cache that computes attention itself
-            y = cache.attend(self.layer_idx, q, k, v, attn_mask)  # (B, H, T, D)
-            return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)  # (B, H_kv, S, D), S = cached + T
-            assert attn_mask is not None or T == 1 or k.shape[2] == T, \
-                "several new tokens after a non-empty cache need an explicit attn_mask"
-        # An explicit mask whenever there is one: is_causal aligns to the top-left corner, which is only
-        # right when queries start at position 0 (shared/STYLE.md, rule 14).
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
-                                           enable_gqa=self.n_kv != self.n_head)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
+        y = cache.attend(self.layer_idx, q, k, v, attn_mask) if cache is not None else attention(q, k, v, attn_mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))  # y: (B, H, T, D)
+
+
+def attention(q, k, v, attn_mask=None):
+    """Softmax attention of q (B, H, T, D) over k, v (B, H_kv, S, D) -> (B, H, T, D); H a multiple of H_kv
+    (grouped-query attention). attn_mask: bool or additive (B or 1, 1, T, S); None means causal from position 0.
+    An explicit mask whenever there is one: is_causal aligns to the top-left corner, which is only right when the
+    queries start at position 0 (shared/STYLE.md, rule 14)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and q.shape[2] > 1,
+                                          enable_gqa=k.shape[1] != q.shape[1])
+
+
+class Cache:
+    """What attention asks of a KV cache: `update` keeps this call's keys and values and returns all of them, and
+    the attention then runs over those. A cache that computes attention its own way overrides `attend`."""
+
+    def update(self, layer: int, k, v):
+        raise NotImplementedError
+
+    def attend(self, layer: int, q, k, v, attn_mask):
+        k, v = self.update(layer, k, v)  # (B, H_kv, S, D), S = cached + T
+        assert attn_mask is not None or q.shape[2] == 1 or k.shape[2] == q.shape[2], \
+            "several new tokens after a non-empty cache need an explicit attn_mask"
+        return attention(q, k, v, attn_mask)
 
 
 class MLP(nn.Module):
@@ -232,7 +245,7 @@ class Transformer(nn.Module):
         """Final-norm hidden states (B, T, C).
 
         positions: (B, T) token positions, default 0..T-1 (callers with left padding or a cache pass them).
-        cache: object with `update(layer_idx, k, v) -> (k_all, v_all)`; attention then runs over all keys.
+        cache: a `Cache` (keeps the keys and values; `attend` runs attention over them all).
         attn_mask: bool (B or 1, 1, T, S), True = may attend; None means plain causal from position 0.
         layer_call: optional `f(layer, x, cos, sin, cache, attn_mask)`, e.g. activation checkpointing,
             chosen by the training call rather than wired into the model.

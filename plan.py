@@ -260,15 +260,15 @@ def measure(model, sampler, prompt_ids: list[int], rows: int, probe_tokens: int 
     are untouched). The decode copies are built here once, as the first step would. None for a compiled decode step,
     whose probe would compile new shapes."""
     import torch
-    if sampler.static:
+    if sampler.step.static:
         return None
     t0 = time.perf_counter()
     head = prompt_ids[:probe_tokens]
     device = model.lm_head.weight.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    was_training, free = model.training, sampler.free_copies
+    was_training, free = model.training, sampler.step.free_copies
     model.eval()
-    sampler.free_copies = False
+    sampler.step.free_copies = False
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
             t = time.perf_counter()
@@ -284,9 +284,9 @@ def measure(model, sampler, prompt_ids: list[int], rows: int, probe_tokens: int 
                 spent.append(time.perf_counter() - t)
     finally:
         model.train(was_training)
-        sampler.free_copies = free
+        sampler.step.free_copies = free
     if free:
-        sampler.packed.release()
+        sampler.step.release()
     decode = max(spent[2] - spent[1], 1e-6) / 6
     copies = max(0.0, spent[0] - spent[1] - decode) if free else 0.0  # kept copies are mostly reused
     return Rates(per_token, decode, copies, time.perf_counter() - t0)

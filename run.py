@@ -276,6 +276,7 @@ def run(cfg, *, resume=False, task=None) -> int:
     from grpo import GRPOConfig
     from lora import inject_lora, save_adapter
     from model import load_model
+    from fast.decode import FastStep
     from fast.packing import CopyRefused
     from plan import DoesNotFit, expected, measure, minutes, plan_run, step_seconds
     from sampling import Sampler
@@ -315,14 +316,15 @@ def run(cfg, *, resume=False, task=None) -> int:
     if plan:  # the same memory, the prompt's real length (at most the estimate: it fits)
         plan = plan_run(cfg, task, trains, len(prompt_ids), plan.available)
     try:
-        sampler = Sampler(model, tok, compile=cfg.get("compile", False), weights=cfg.get("sample_weights", "float32"),
-                          copies_room=plan.copies if plan else None)
+        step = FastStep(model, cfg.get("sample_weights", "float32"), cfg.get("compile", False),
+                        copies_room=plan.copies if plan else None)  # sampling.ModelStep, with fast/'s machinery
     except CopyRefused as e:  # low-precision decode copies this model or machine cannot have
         raise UsageError(f"--sample-weights {e.weights}: {e.reason}; use float32") from None
+    sampler = Sampler(model, tok, step)
     if not resume:  # every refusal is behind: from here the folder holds this run
         write_json(os.path.join(out, "config.json"), cfg)
     if plan:  # how the learner and the sampler fit the memory (none of it changes what a run computes)
-        sampler.free_copies = not plan.copies_while_learning
+        sampler.step.free_copies = not plan.copies_while_learning
         if learner:
             learner.cfg.activation_checkpointing |= plan.checkpointing
             learner.cfg.tokens_per_microbatch = plan.tokens_per_microbatch

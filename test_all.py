@@ -16,6 +16,7 @@ from weights.default_model import default_model_path, tiny_model_path
 from weights.gguf_convert import unpermute_rope_rows
 from fast.cpu_linear import linear
 from model import ModelError, build_model, load_model
+from fast.decode import FastStep
 from sampling import Sampler
 
 transformers = pytest.importorskip("transformers")
@@ -172,10 +173,12 @@ def test_smollm2_answers_paris(smol):
     assert out.stop_reason == "stop_token" and out.ids[-1] in tok.stop_ids
 
 
-def test_smollm2_greedy_matches_transformers(smol, smol_hf):
+@pytest.mark.parametrize("fast", [False, True], ids=["plain step", "fast step"])
+def test_smollm2_greedy_matches_transformers(smol, smol_hf, fast):
     _, model, tok = smol
     prompts = [chat(tok, "Name three colours of the rainbow."), chat(tok, "Write one sentence about the sea.")]
-    ours = Sampler(model, tok).generate(prompts, max_new_tokens=48, temperature=0)  # a left-padded batch
+    step = FastStep(model) if fast else None  # run.py's: packed decode weights on CPUs that gain from them
+    ours = Sampler(model, tok, step).generate(prompts, max_new_tokens=48, temperature=0)  # a left-padded batch
     for p, o in zip(prompts, ours):
         ids = torch.tensor([p])
         theirs = smol_hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=48,

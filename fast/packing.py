@@ -13,7 +13,7 @@ packs, on the model's own products, and kept for the machine (`KERNELS`, `Packed
 `scripts/bench.py sample`; fast/cpu_linear.py says why once per machine). The
 int8 kernel (fbgemm: weights quantized per output channel, activations per row batch at run time) reads a
 quarter of the bytes, the bfloat16 one (oneDNN) half; they change the numbers, so they are used only when asked
-(`Sampler(weights="int8")`, `"bfloat16"`).
+(`FastStep(model, weights="int8")` or `"bfloat16"`: fast/decode.py).
 
 The math is model.py's (DecoderLayer, Attention, MLP) for one new token per row; tests/test_sampler.py checks
 that both give the same samples and log-probabilities (int8: a bounded KL). An enabled LoRA adapter is packed

@@ -17,12 +17,13 @@ from torch.utils.checkpoint import checkpoint
 from fast.cpu_linear import frozen_products, use_fast_linear
 from grpo import LEARNER_DTYPES, Learner
 from lora import lora_disabled
+from model import Cache
 
 LOGITS_BYTES = 1 << 27  # float32 logits (positions x vocabulary) computed at once: 128 MiB, ~220 positions of
 #                        a 152k vocabulary; under autograd each such chunk is recomputed in backward, not kept
 
 
-class PromptRecorder:
+class PromptRecorder(Cache):
     """Attention cache of the prompt pass: keeps each layer's keys/values (with their graph). Recording the
     same layer again (activation checkpointing recomputes in backward) just overwrites, so it is harmless."""
 
@@ -34,7 +35,7 @@ class PromptRecorder:
         return k, v
 
 
-class SharedPrefix:
+class SharedPrefix(Cache):
     """Attention cache of the completion pass: every row attends to the prompt's keys/values, expanded over
     the rows without a copy, followed by its own. A pure function, so checkpointing may recompute it."""
 

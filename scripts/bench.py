@@ -36,10 +36,16 @@ from fast.cpu_linear import machine, use_fast_linear
 from weights.default_model import model_path
 from model import ModelError, load_model
 from fast.packing import KERNELS, CopyRefused, missing_product
+from fast.decode import FastStep
 from sampling import Sampler
 
 PROMPT = "Write a short story about a robot who learns to paint."  # 42 tokens once chat-templated (SmolLM2)
 
+
+
+def run_sampler(model, tok, **kw):
+    """The sampler as run.py builds it: the fast step (fast/decode.py)."""
+    return Sampler(model, tok, FastStep(model, **kw))
 
 def read_weights(model):
     """Weights a decode step reads whole: all but an untied embedding, which is only indexed."""
@@ -88,7 +94,7 @@ def bench_sample(args):
     use_fast_linear(model)  # as run.py runs it
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": PROMPT}]))
-    samplers = {w: Sampler(model, tok, weights=w) for w in args.weights}
+    samplers = {w: run_sampler(model, tok, weights=w) for w in args.weights}
     rows = []
     for batch in args.batches or [1, 8, 16]:
         ours, theirs, kl = {w: [] for w in samplers}, [], {}
@@ -118,12 +124,12 @@ def bench_sample(args):
             row[f"{w}_kl_per_token"] = k
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
-    kernels = {w: {"kernel": s.packed.kernel, "timed": {str(k): v for k, v in s.packed.choice.items()}}
+    kernels = {w: {"kernel": s.step.packed.kernel, "timed": {str(k): v for k, v in s.step.packed.choice.items()}}
                for w, s in samplers.items()}
     return {"benchmark": "sample", "model": path.rsplit("/", 1)[-1], "prompt_tokens": len(prompt),
             "new_tokens": args.new_tokens, "repeats": args.repeats, "machine": machine(), "kernels": kernels,
             "limits": limits(model, args.batches or [1, 8, 16],
-                             (samplers["float32"].packed.kernel or {}).get("head", "onednn") if "float32" in samplers
+                             (samplers["float32"].step.packed.kernel or {}).get("head", "onednn") if "float32" in samplers
                              else "onednn"),
             "results": rows}
 
@@ -170,7 +176,7 @@ def bench_grpo(args):
     for weights, learner_dtype in settings:
         key = weights + ("" if learner_dtype == "float32" else f"_learner_{learner_dtype}")
         learner = SharedPromptLearner(model, GRPOConfig(lr=1e-5, mu=1, learner_dtype=learner_dtype))
-        sampler, ours[key] = Sampler(model, tok, weights=weights), []
+        sampler, ours[key] = run_sampler(model, tok, weights=weights), []
         for it in range(args.iterations + 1):  # the first is warm-up
             t = time.perf_counter()
             outs = sampler.generate([prompt], n=G, max_new_tokens=new, stop_ids=(),
@@ -322,21 +328,21 @@ def dtype_kl(path, dtype):
     model, tok = load_model(path, dtype=dtype)
     use_fast_linear(model)
     prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": PROMPT}]))
-    outs = Sampler(model, tok).generate([prompt], n=16, max_new_tokens=64, temperature=1.0, stop_ids=(),
+    outs = run_sampler(model, tok).generate([prompt], n=16, max_new_tokens=64, temperature=1.0, stop_ids=(),
                                         generator=torch.Generator().manual_seed(0))
     return kl_to_float32(use_fast_linear(load_model(path)[0]), outs)
 
 
 def bench_repack(args):
-    """The two costs sampling.REPACK_ROW_STEPS weighs when rows finish early: rebuilding the decoder's packed
+    """The two costs fast.decode.REPACK_ROW_STEPS weighs when rows finish early: rebuilding the decoder's packed
     weights for a smaller batch (paid twice: the next call packs its full batch again), against a finished row
     riding along in the packed step. Per row count: the seconds of a full rebuild, and the packed decode step's
     milliseconds (32 tokens more minus 2, no stop). The row-steps that repay a repack are twice the rebuild over
     the step's cost per row, from the largest and smallest counts."""
     model, tok = load_model(model_path(args.model))
     use_fast_linear(model)  # as run.py runs it
-    sampler = Sampler(model, tok)
-    if not sampler.packed.available:  # e.g. `tiny`: its products are too narrow to gain from packs
+    sampler = run_sampler(model, tok)
+    if not sampler.step.packed.available:  # e.g. `tiny`: its products are too narrow to gain from packs
         print("error: scripts/bench.py repack: this model decodes without packed weights on this machine (too narrow, not "
               "float32, or no room for the copy): nothing to repack", file=sys.stderr)
         sys.exit(2)
@@ -349,7 +355,7 @@ def bench_repack(args):
     rows_out = []
     for rows in sorted(args.batches or [16, 8, 4, 2, 1], reverse=True):
         seconds(rows, 2)  # packs for this count (and, the first time in its size class, the kernels chosen)
-        packed = sampler.packed
+        packed = sampler.step.packed
         repack = []
         for _ in range(args.repeats):
             packed.release()
@@ -390,7 +396,7 @@ def bench_gpu(args):
         prompt = list(range(100, 164))
         rows = []
         for batch in args.batches or [1, 16, 64]:
-            s = Sampler(model, tok, compile=True)
+            s = run_sampler(model, tok, compile=True)
             s.generate([prompt], n=batch, max_new_tokens=8, stop_ids=())  # compile / capture
             torch.cuda.synchronize()
             t = time.perf_counter()
@@ -418,7 +424,7 @@ def bench_gpu(args):
         torch.cuda.reset_peak_memory_stats()
         torch.cuda.synchronize()
         t = time.perf_counter()
-        outs = Sampler(model, tok).generate([arc_prompt], n=16, max_new_tokens=512, stop_ids=())
+        outs = run_sampler(model, tok).generate([arc_prompt], n=16, max_new_tokens=512, stop_ids=())
         sample_s = time.perf_counter() - t
         learner.step(arc_prompt, [replace(o, reward=i / 16) for i, o in enumerate(outs)])
         torch.cuda.synchronize()

@@ -33,7 +33,7 @@ PARTS = [
     ("sampling: head at prefill", "model.Transformer", "logits"),
     ("sampling: repacking weights after an update", "fast.packing.PackedDecoder", "prepare"),
     ("sampling: packed decode step", "fast.packing.PackedDecoder", "step"),
-    ("sampling: choosing tokens", "sampling", "sample"),
+    ("sampling: choosing tokens", "fast.decode.FastStep", "draw"),
     ("sampling: detokenizing (stop checks, texts)", "tokenizer.Tokenizer", "decode"),
     ("sampling: cache row copies", "sampling.KVCache", "select_rows"),
     ("scoring: waiting on rewards", "search.Search", "score"),

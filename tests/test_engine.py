@@ -258,9 +258,9 @@ def test_bfloat16_opt_ins_are_refused_where_the_cpu_has_no_bfloat16_products(tmp
         assert r.stderr.strip().splitlines()[-1] == (
             f"error: {flag} bfloat16: this CPU's PyTorch has no fast bfloat16 product (it needs AVX-512 BW/VL/DQ or "
             "AVX-NE-CONVERT); use float32"), r.stderr
-    # The library too: a Sampler asked for bfloat16 copies used to decode quietly in float32 there.
-    code = ("from weights.default_model import tiny_model_path; from model import load_model; from sampling import Sampler\n"
-            "try:\n    Sampler(load_model(tiny_model_path())[0], None, weights='bfloat16')\n"
+    # The library too: a sampler asked for bfloat16 copies used to decode quietly in float32 there.
+    code = ("from weights.default_model import tiny_model_path; from model import load_model; from fast.decode import FastStep\n"
+            "try:\n    FastStep(load_model(tiny_model_path())[0], weights='bfloat16')\n"
             "except ValueError as e:\n    print(e)")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.stdout.strip() == ("bfloat16 decode copies: this CPU's PyTorch has no fast bfloat16 product (it needs "
@@ -271,8 +271,8 @@ def test_decode_copies_are_refused_off_the_cpu(tiny):
     # The copies are the CPU's packed decoder's; a model elsewhere (a GPU; here PyTorch's shape-only device)
     # would decode through its modules in its own dtype and say nothing.
     with pytest.raises(ValueError, match="on a GPU use the model's dtype"):
-        from sampling import Sampler
-        Sampler(tiny[0].to("meta"), None, weights="int8")
+        from fast.decode import FastStep
+        FastStep(tiny[0].to("meta"), weights="int8")
 
 
 def test_zero_reward_members_leave_the_loss_and_zero_spread_skips(tiny):

@@ -47,21 +47,15 @@ def test_the_import_graph_has_no_cycle():
             visit(mod, [mod])
 
 
-# The one import still running up from the algorithm: the sampler's packed decode step (fast/packing.py), until the
-# sampler's decode steps sit behind an interface run.py fills.
-STILL_UP = {("sampling", "fast.packing")}
-
-
 def test_imports_point_down():
     """The algorithm imports nothing from the speed machinery (fast/), the embedded-model plumbing (weights/) or the
     research harness (scripts/), and nothing outside the harness imports it: `ls` shows the architecture, and the
     core reads on its own."""
     graph = project_imports()
     core = ("model", "lora", "sampling", "grpo", "database", "search", "tokenizer", "diagnostics")
-    up = {mod: sorted(d for d in deps if d.startswith(("fast.", "weights.", "scripts.")) and (mod, d) not in STILL_UP)
+    up = {mod: sorted(d for d in deps if d.startswith(("fast.", "weights.", "scripts.")))
           for mod, deps in graph.items() if mod in core}
     assert not any(up.values()), up
-    assert all(d in graph[m] for m, d in STILL_UP), "an import STILL_UP names is gone: drop it from the list"
     harness = {mod: sorted(d for d in deps if d.startswith("scripts.")) for mod, deps in graph.items()
                if not mod.startswith("scripts.")}
     assert not any(harness.values()), harness

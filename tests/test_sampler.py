@@ -1,6 +1,7 @@
-"""Sampler tests: cached and shared-prefix decoding against the uncached forward pass, the static and
-compiled step, the packed CPU decoder against the modules, seeds, temperature, top-k/top-p, the sampling
-draw itself and stop conditions; on the real tiny model and wider random ones built from its config."""
+"""Sampler tests: cached decoding against the uncached forward pass; the fast step (fast/decode.py: shared
+prefix, static and compiled step, packed CPU decoder, blocked draw) against the plain one; seeds, temperature,
+top-k/top-p, the draws themselves and stop conditions; on the real tiny model and wider random ones built from
+its config."""
 import json
 import os
 
@@ -11,14 +12,21 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from weights.default_model import tiny_model_path
 from model import build_model, load_model
+import fast.decode as decode
 import fast.packing as packing
-import sampling
-from sampling import Sampler, sampling_logits
+from fast.cascade import SHARE_MIN
+from fast.decode import FastStep, sample_blocked
+from sampling import Sampler, sample, sampling_logits
 
 
 @pytest.fixture(scope="module")
 def tiny():
     return load_model(tiny_model_path())
+
+
+def fast(model, tok, **kw):
+    """The sampler as run.py builds it: the fast step."""
+    return Sampler(model, tok, FastStep(model, **kw))
 
 
 def test_cached_decoding_equals_uncached_forward(tiny):
@@ -36,12 +44,11 @@ def test_cached_decoding_equals_uncached_forward(tiny):
 
 def test_shared_prefix_decoding_equals_uncached_forward(tiny):
     # Prompts sharing a long prefix take the cascade path: the prefix is cached once for all rows.
-    import sampling
     model, tok = tiny
     stem = tok.encode("a long shared problem statement " * 12)
-    assert len(stem) >= sampling.SHARE_MIN
+    assert len(stem) >= SHARE_MIN
     prompts = [stem + tok.encode("first"), stem + tok.encode("the second question")]
-    outs = Sampler(model, tok).generate(prompts, n=[3, 2], max_new_tokens=12, temperature=1.0, stop_ids=(),
+    outs = fast(model, tok).generate(prompts, n=[3, 2], max_new_tokens=12, temperature=1.0, stop_ids=(),
                                         generator=torch.Generator().manual_seed(5))
     assert [o.prompt_index for o in outs] == [0, 0, 0, 1, 1]
     for o in outs:
@@ -58,9 +65,9 @@ def test_static_and_compiled_decoding_equal_dynamic_decoding(tiny):
     stem = tok.encode("a long shared problem statement " * 12)
     prompts = [stem + tok.encode("first"), stem + tok.encode("the second question"), tok.encode("short")]
     ref = Sampler(model, tok).generate(prompts, n=[3, 2, 1], max_new_tokens=10, temperature=0, stop_ids=())
-    static = Sampler(model, tok)
-    static.static = True  # the compiled path's logic, run eagerly
-    for s in (static, Sampler(model, tok, compile=True)):
+    static = fast(model, tok)
+    static.step.static = True  # the compiled path's logic, run eagerly
+    for s in (static, fast(model, tok, compile=True)):
         out = s.generate(prompts, n=[3, 2, 1], max_new_tokens=10, temperature=0, stop_ids=())
         assert [o.ids for o in out] == [o.ids for o in ref]
         assert max(abs(a - b) for o, r in zip(out, ref) for a, b in zip(o.logprobs, r.logprobs)) < 1e-5
@@ -80,19 +87,19 @@ def packed_like_plain(sampler, monkeypatch, prompts, n, stops=(), new=100):
     """Sample with the packed decoder, then with it switched off (the modules), from the same draws: the same
     tokens and log-probabilities within 1e-5. Returns the kernel products per packed decode step (the first
     token comes from the prompt's forward pass)."""
-    import sampling
     outs, counts = [], []
-    step = sampler.packed.step
+    decoder = sampler.step.packed
+    step = decoder.step
 
     def counted(*args):  # only the packed step's own products: the modules' may use the same libraries
-        kernels = {packing.KERNELS[p.kernel].op for p in sampler.packed.packs.values()}
+        kernels = {packing.KERNELS[p.kernel].op for p in decoder.packs.values()}
         with CountPacked(kernels) as count:
             out = step(*args)
         counts[-1].append(count.calls)
         return out
-    monkeypatch.setattr(sampler.packed, "step", counted)
+    monkeypatch.setattr(decoder, "step", counted)
     for rows in (packing.PACK_ROWS, range(0)):  # packed, then plain
-        monkeypatch.setattr(sampling, "PACK_ROWS", rows)
+        monkeypatch.setattr(decode, "PACK_ROWS", rows)
         counts.append([])
         outs.append(sampler.generate(prompts, n=n, max_new_tokens=new, temperature=1.0, stop_ids=stops,
                                      generator=torch.Generator().manual_seed(1)))
@@ -115,18 +122,18 @@ def test_a_few_finished_rows_ride_along_on_the_packs_instead_of_a_repack(tiny, m
     # finished rows riding along: 9 rows, 100 new tokens, most stopping early (one token in 7 stops), keep
     # the packs of 9 rows.
     _, tok = tiny
-    sampler = Sampler(wide(), tok)
-    if not sampler.packed.available:
+    sampler = fast(wide(), tok)
+    if not sampler.step.packed.available:
         pytest.skip("no packed kernel in this torch build")
     sizes = []
-    prepare = sampler.packed.prepare
-    monkeypatch.setattr(sampler.packed, "prepare", lambda rows: sizes.append(rows) or prepare(rows))
+    prepare = sampler.step.packed.prepare
+    monkeypatch.setattr(sampler.step.packed, "prepare", lambda rows: sizes.append(rows) or prepare(rows))
     outs = sampler.generate(["hello", "a longer prompt"], n=[5, 4], max_new_tokens=100,
                             stop_ids=list(range(0, 259, 7)), generator=torch.Generator().manual_seed(1))
     early = [len(o.ids) for o in outs if o.stop_reason == "stop_token" and len(o.ids) < 30]
-    assert len(early) >= 3 and len(early) * 100 < sampling.REPACK_ROW_STEPS, \
+    assert len(early) >= 3 and len(early) * 100 < decode.REPACK_ROW_STEPS, \
         f"the draw should stop a quarter of the rows early, too few to repay a repack: {[len(o.ids) for o in outs]}"
-    assert sizes == [9] and sampler.packed.rows == 9, f"packs built for {sizes} rows"
+    assert sizes == [9] and sampler.step.packed.rows == 9, f"packs built for {sizes} rows"
 
 
 @pytest.mark.parametrize("kernel", packing.FLOAT32_KERNELS)
@@ -137,14 +144,14 @@ def test_packed_decoder_decodes_like_the_modules(tiny, monkeypatch, kernel):
     # be rebuilt, not used), with a LoRA adapter (packed merged), after an optimiser-like step on it, and off.
     _, tok = tiny
     model = wide()
-    sampler = Sampler(model, tok)
-    sampler.packed.forced = kernel
-    if not sampler.packed.available:
+    sampler = fast(model, tok)
+    sampler.step.packed.forced = kernel
+    if not sampler.step.packed.available:
         pytest.skip(f"this torch build has no {kernel}")
     prompts, n = ["hello", "a longer prompt"], [5, 4]
-    monkeypatch.setattr(sampling, "REPACK_ROW_STEPS", 1)  # repack whenever rows stop: the path under test
+    monkeypatch.setattr(decode, "REPACK_ROW_STEPS", 1)  # repack whenever rows stop: the path under test
     per_step = packed_like_plain(sampler, monkeypatch, prompts, n, stops=list(range(0, 259, 37)))
-    assert sampler.packed.rows < 9, "rows stopped early enough for a repack to the smaller batch"
+    assert sampler.step.packed.rows < 9, "rows stopped early enough for a repack to the smaller batch"
     assert per_step > 0, per_step
     # 9 products a step (4 a layer and the head) when no row stops; leaves packs for 9 rows, reused next...
     assert packed_like_plain(sampler, monkeypatch, prompts, n) == 9
@@ -164,7 +171,7 @@ def test_packed_decoder_decodes_like_the_modules(tiny, monkeypatch, kernel):
     with lora_disabled(model):
         packed_like_plain(sampler, monkeypatch, prompts, n)
     assert packed_like_plain(sampler, monkeypatch, ["hello"], 1) == 9  # one row: packed too (the lean step)
-    assert set(sampler.packed.kernel.values()) == {kernel}
+    assert set(sampler.step.packed.kernel.values()) == {kernel}
 
 
 @pytest.mark.parametrize("arch", [
@@ -185,21 +192,21 @@ def test_packed_step_restates_every_architecture_feature(tiny, monkeypatch, arch
     cfg = model.config
     assert (cfg.qkv_bias, cfg.o_bias, cfg.qk_norm) == {
         "llama": (True, True, False), "qwen2": (True, False, False), "qwen3": (True, True, True)}[cfg.model_type]
-    sampler = Sampler(model, tok)
-    if not sampler.packed.available:
+    sampler = fast(model, tok)
+    if not sampler.step.packed.available:
         pytest.skip("no packing kernel in this torch build")
     assert packed_like_plain(sampler, monkeypatch, ["hello", "a longer prompt"], [3, 2], new=20) == 9
 
 
 def test_the_float32_kernels_are_chosen_by_measurement(tiny, monkeypatch, tmp_path):
     _, tok = tiny
-    sampler = Sampler(wide(), tok)
-    if not sampler.packed.available:
+    sampler = fast(wide(), tok)
+    if not sampler.step.packed.available:
         pytest.skip("no packing kernel in this torch build")
     monkeypatch.setenv("MIGRATE_CACHE", str(tmp_path))  # a machine that has measured nothing yet
     sampler.generate(["hello"], n=3, max_new_tokens=4, generator=torch.Generator().manual_seed(0))
-    chosen, seconds, rows = sampler.packed.choice[8]
-    assert rows == 3 and chosen == sampler.packed.kernel, sampler.packed.choice
+    chosen, seconds, rows = sampler.step.packed.choice[8]
+    assert rows == 3 and chosen == sampler.step.packed.kernel, sampler.step.packed.choice
     assert set(seconds) == {k for k in packing.FLOAT32_KERNELS if packing.KERNELS[k].available}
     for kind, name in chosen.items():  # the fastest for each kind of product
         assert seconds[name][kind] == min(s[kind] for s in seconds.values()) > 0, (kind, seconds)
@@ -262,7 +269,7 @@ def test_low_precision_weights_decode_close_to_float32(tiny, weights, product_er
     if not kern.available:  # a CPU without the instructions (bfloat16 on an AVX2-only one): refused, not emulated
         assert packing.missing_product(weights), weights
         with pytest.raises(packing.CopyRefused, match=f"no fast {weights} product"):
-            Sampler(model, tok, weights=weights)
+            fast(model, tok, weights=weights)
         return
     with torch.no_grad():
         for _, mods in packing.PackedDecoder(model)._groups():
@@ -273,9 +280,9 @@ def test_low_precision_weights_decode_close_to_float32(tiny, weights, product_er
             assert 1e-4 < err < product_err, err
         model.lm_head.weight.mul_(3)  # a sharper next-token distribution, more like a trained model's
     prompts = [tok.encode(p) for p in ("hello there", "a longer prompt here", "third one", "and a fourth")]
-    samplers = [Sampler(model, tok, weights=w) for w in ("float32", weights)]
+    samplers = [fast(model, tok, weights=w) for w in ("float32", weights)]
     outs = [s.generate(prompts, max_new_tokens=40, temperature=0, stop_ids=()) for s in samplers]
-    assert samplers[1].packed.kernel and set(samplers[1].packed.kernel.values()) == {weights}
+    assert samplers[1].step.packed.kernel and set(samplers[1].step.packed.kernel.values()) == {weights}
     for a, b in zip(*outs):
         same = next((i for i, (x, y) in enumerate(zip(a.ids, b.ids)) if x != y), len(a.ids))
         assert same >= 30, (a.ids, b.ids)
@@ -290,17 +297,17 @@ def test_low_precision_copies_are_refused_where_they_would_not_be_used(tiny):
         pytest.skip("no int8 kernel in this torch build")
     model, tok = tiny
     with pytest.raises(ValueError, match=f"narrowest product is {model.config.hidden_size} wide"):
-        Sampler(model, tok, weights="int8")
+        fast(model, tok, weights="int8")
     with pytest.raises(ValueError, match="weights are bfloat16"):
-        Sampler(wide().to(torch.bfloat16), tok, weights="int8")
+        fast(wide().to(torch.bfloat16), tok, weights="int8")
     with pytest.raises(ValueError, match="compiled decode step"):
-        Sampler(wide(), tok, compile=True, weights="int8")
-    sampler = Sampler(wide(), tok, weights="int8")
+        fast(wide(), tok, compile=True, weights="int8")
+    sampler = fast(wide(), tok, weights="int8")
     big = packing.PACK_ROWS.stop
     with pytest.raises(ValueError, match=f"this call has {big}"):
         sampler.generate([tok.encode("hi")], n=big, max_new_tokens=2)
     assert len(sampler.generate([tok.encode("hi")], n=big - 1, max_new_tokens=2)) == big - 1
-    assert set(sampler.packed.kernel.values()) == {"int8"}
+    assert set(sampler.step.packed.kernel.values()) == {"int8"}
 
 
 @pytest.mark.parametrize("family", [dict(architectures=["Qwen2ForCausalLM"]),  # bias on q, k, v
@@ -308,7 +315,6 @@ def test_low_precision_copies_are_refused_where_they_would_not_be_used(tiny):
 def test_packed_decoder_covers_biases_qk_norm_and_shared_prefixes(tiny, monkeypatch, family):
     # The packed step writes each family's features out again (q/k/v and o biases, Qwen3's per-head norms)
     # and reads the shared prefix of the cascade path: it must agree with the modules there too.
-    import sampling
     _, tok = tiny
     model = wide(**family)
     with torch.no_grad():
@@ -316,18 +322,19 @@ def test_packed_decoder_covers_biases_qk_norm_and_shared_prefixes(tiny, monkeypa
             if name.endswith("bias") or "norm" in name:
                 p.add_(torch.randn_like(p) * 0.1)  # biases start at zero and norms at one; make them matter
     stem = tok.encode("a long shared problem statement " * 12)
-    assert len(stem) >= sampling.SHARE_MIN
+    assert len(stem) >= SHARE_MIN
     prompts = [stem + tok.encode("first"), stem + tok.encode("the second question")]
-    sampler = Sampler(model, tok)
+    sampler = fast(model, tok)
     assert packed_like_plain(sampler, monkeypatch, prompts, [3, 2], new=30) == 9
     with torch.no_grad():
         model.model.layers[0].self_attn.k_proj.bias.add_(0.5)  # a pack's bias, changed in place: rebuild
     packed_like_plain(sampler, monkeypatch, prompts, [3, 2], new=30)
 
 
-def test_same_seed_same_samples_and_rows_differ(tiny):
+@pytest.mark.parametrize("steps", [None, FastStep], ids=["plain", "fast"])
+def test_same_seed_same_samples_and_rows_differ(tiny, steps):
     model, tok = tiny
-    s = Sampler(model, tok)
+    s = Sampler(model, tok, steps and steps(model))
     run = lambda seed: [o.ids for o in s.generate(["hello"], n=4, max_new_tokens=16, temperature=1.0,
                                                   generator=torch.Generator().manual_seed(seed))]
     a, b, c = run(7), run(7), run(8)
@@ -335,9 +342,10 @@ def test_same_seed_same_samples_and_rows_differ(tiny):
     assert len({tuple(r) for r in a}) > 1, "rows of a group must differ at temperature 1"
 
 
-def test_temperature_zero_is_deterministic(tiny):
+@pytest.mark.parametrize("steps", [None, FastStep], ids=["plain", "fast"])
+def test_temperature_zero_is_deterministic(tiny, steps):
     model, tok = tiny
-    s = Sampler(model, tok)
+    s = Sampler(model, tok, steps and steps(model))
     outs = s.generate(["hello", "hello"], n=2, max_new_tokens=16, temperature=0)
     assert len({tuple(o.ids) for o in outs}) == 1
     torch.manual_seed(123)  # greedy must not consume or depend on global randomness
@@ -355,18 +363,19 @@ def test_top_k_top_p_and_logprobs_follow_the_distribution():
     assert torch.allclose(hot, logits / 2)
 
 
-def test_sample_draws_from_the_distribution():
-    # sample() searches blocks of CDF_BLOCK tokens, then inside one: a vocabulary that is not a whole number of
-    # blocks, impossible tokens on block edges and a whole impossible block must still come out right.
-    from sampling import CDF_BLOCK, sample
-    V = 4 * CDF_BLOCK - 24
+@pytest.mark.parametrize("draw", [sample, sample_blocked], ids=["plain", "blocked"])
+def test_sample_draws_from_the_distribution(draw):
+    # sample_blocked searches blocks of CDF_BLOCK tokens, then inside one: a vocabulary that is not a whole number
+    # of blocks, impossible tokens on block edges and a whole impossible block must still come out right.
+    B = decode.CDF_BLOCK
+    V = 4 * B - 24
     logits = torch.randn(V, generator=torch.Generator().manual_seed(0)) * 2
-    banned = [0, CDF_BLOCK - 1, CDF_BLOCK, V - 1] + list(range(CDF_BLOCK + 40, 2 * CDF_BLOCK + 50))
+    banned = [0, B - 1, B, V - 1] + list(range(B + 40, 2 * B + 50))
     logits[banned] = float("-inf")
     p = logits.softmax(-1)
     g, counts, n = torch.Generator().manual_seed(1), torch.zeros(V), 0
     for _ in range(8):
-        tok, logp = sample(logits.expand(40_000, V), 1.0, 0, 1.0, torch.rand(40_000, 1, generator=g))
+        tok, logp = draw(logits.expand(40_000, V), 1.0, 0, 1.0, torch.rand(40_000, 1, generator=g))
         assert torch.allclose(logp, p.log()[tok], atol=1e-5)
         counts += torch.bincount(tok, minlength=V)
         n += len(tok)
@@ -377,9 +386,52 @@ def test_sample_draws_from_the_distribution():
     assert chi2 < dof + 6 * (2 * dof) ** 0.5, (chi2, dof)  # ~6 standard deviations of a chi-square
 
 
-def test_sampled_tokens_respect_top_k(tiny):
+def test_the_blocked_draw_picks_the_plain_draws_token():
+    # The same uniform gives the same token, but where u lies within rounding of the boundary between two tokens
+    # (the two sum the probabilities in different orders): there the plain cumulative mass at the boundary equals
+    # u to float precision. A SmolLM2-sized vocabulary, top-k and top-p among the rows.
+    V = 49152
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(4000, V, generator=g) * 3
+    u = torch.rand(4000, 1, generator=g)
+    for temperature, top_k, top_p in ((1.0, 0, 1.0), (0.7, 50, 1.0), (1.0, 0, 0.9)):
+        a, la = sample(logits, temperature, top_k, top_p, u)
+        b, lb = sample_blocked(logits, temperature, top_k, top_p, u)
+        same = a == b
+        assert torch.allclose(la[same], lb[same], rtol=1e-5, atol=1e-5)
+        cum = torch.softmax(sampling_logits(logits, temperature, top_k, top_p), -1).double().cumsum(-1)
+        for i in (a != b).nonzero()[:, 0].tolist():
+            edge = cum[i, min(a[i], b[i])].item()
+            assert abs(edge - u[i, 0].item()) < 1e-5, (i, a[i], b[i], edge, u[i, 0].item())
+        assert int((~same).sum()) <= 10, int((~same).sum())
+
+
+@pytest.mark.parametrize("kind", ["shared prefix", "packed", "static"])
+def test_the_fast_step_draws_the_plain_steps_samples(tiny, kind):
+    # run.py samples through FastStep; the plain ModelStep is the definition. Same seed, same samples, log-probs
+    # within 1e-5: with a shared prefix (cascade attention), on packed weights, and with the fixed-shape step.
+    model, tok = tiny  # too narrow to pack: only the path under test is taken
+    model = wide() if kind == "packed" else model
+    stem = tok.encode("a long shared problem statement " * 12)
+    prompts = [stem + tok.encode("first"), stem + tok.encode("the second question")] if kind != "packed" else \
+        [tok.encode("hello"), tok.encode("a longer prompt")]
+    step = FastStep(model)
+    step.static = kind == "static"
+    if kind == "packed" and not step.packed.available:
+        pytest.skip("no packing kernel in this torch build")
+    outs = [Sampler(model, tok, s).generate(prompts, n=[5, 4], max_new_tokens=40, temperature=1.0,
+                                            stop_ids=list(range(0, 259, 37)),
+                                            generator=torch.Generator().manual_seed(4)) for s in (None, step)]
+    assert [o.ids for o in outs[0]] == [o.ids for o in outs[1]]
+    assert max(abs(a - b) for o, r in zip(*outs) for a, b in zip(o.logprobs, r.logprobs)) < 1e-5
+    assert (step.cache.prefix_len >= SHARE_MIN) == (kind != "packed") and (step.packed.rows is not None) == \
+        (kind == "packed"), "the path under test was taken"
+
+
+@pytest.mark.parametrize("steps", [None, FastStep], ids=["plain", "fast"])
+def test_sampled_tokens_respect_top_k(tiny, steps):
     model, tok = tiny
-    s = Sampler(model, tok)
+    s = Sampler(model, tok, steps and steps(model))
     outs = s.generate(["hello"], n=8, max_new_tokens=1, temperature=1.0, top_k=2,
                       generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -389,9 +441,10 @@ def test_sampled_tokens_respect_top_k(tiny):
         assert -np.log(2) - 5 < o.logprobs[0] <= 0
 
 
-def test_stop_strings_and_max_tokens(tiny):
+@pytest.mark.parametrize("steps", [None, FastStep], ids=["plain", "fast"])
+def test_stop_strings_and_max_tokens(tiny, steps):
     model, tok = tiny
-    s = Sampler(model, tok)
+    s = Sampler(model, tok, steps and steps(model))
     free = s.generate(["hello"], max_new_tokens=40, temperature=0, stop_ids=())[0]
     assert free.stop_reason == "length" and len(free.ids) == 40
     stop = free.text[5:7]  # a string the greedy continuation is known to produce

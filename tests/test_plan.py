@@ -6,9 +6,9 @@ import os
 import subprocess
 import sys
 
-import pytest
 import torch
 
+import outcome
 import plan
 from fast.cpu_linear import use_fast_linear
 from weights.default_model import EMBEDDED, TINY_CONFIG, model_config
@@ -163,9 +163,8 @@ def test_a_run_says_its_expected_duration_before_the_first_step_and_the_time_lef
 
 
 def test_time_left_comes_from_the_steps_so_far():
-    import run
     history = [{"seconds": 10.0, "new_calls": 4}, {"seconds": 30.0, "new_calls": 0}]  # 20 s and 2 calls a step
-    assert run.time_left(history, 3) == "about 40 s left"  # 2 more steps
-    assert run.time_left(history, 9) == "about 2 min left"  # 5 more
-    assert run.time_left(history, 0) == "done"
-    assert "unknown" in run.time_left([{"seconds": 5.0, "new_calls": 0}], 3)
+    assert outcome.time_left(history, 3) == "about 40 s left"  # 2 more steps
+    assert outcome.time_left(history, 9) == "about 2 min left"  # 5 more
+    assert outcome.time_left(history, 0) == "done"
+    assert "unknown" in outcome.time_left([{"seconds": 5.0, "new_calls": 0}], 3)

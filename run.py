@@ -117,7 +117,7 @@ def resolve(args):
     flags no preset sets) -> the full configuration recorded in config.json, where each value comes from, and the
     task it built to read its preset and default id (handed on to `run`, which would otherwise build it again)."""
     from grpo import GRPOConfig as G
-    from fast.packing import PACK_ROWS
+    from fast.packing import PACK_ROWS, copies_refused, missing_product
     from search import METHODS, SearchConfig as S
     from tasks import load_task
     options = task_options(args.task_option)
@@ -142,9 +142,6 @@ def resolve(args):
         alpha, sources["alpha"] = args.group_size - beta - gamma, "--group-size minus beta and gamma"
     if min(alpha, beta, gamma) < 0 or alpha + beta + gamma < 1:
         raise UsageError(f"alpha/beta/gamma = {alpha}/{beta}/{gamma}: need non-negative counts and a group of >= 1")
-    if args.sample_weights != "float32" and alpha + beta + gamma > PACK_ROWS.stop - 1:
-        raise UsageError(f"--sample-weights {args.sample_weights} decodes at most {PACK_ROWS.stop - 1} rows at a time and "
-                         f"the group has {alpha + beta + gamma}; use a smaller group or float32")
     budget = preset_value("budget")
     if budget < 1:
         raise UsageError(f"--budget must be at least 1, got {budget}")
@@ -189,15 +186,14 @@ def resolve(args):
     if args.learner_dtype != "float32" and args.dtype != "float32":
         raise UsageError(f"--learner-dtype {args.learner_dtype} needs float32 weights; with --dtype {args.dtype} "
                          "the learner already multiplies in that dtype")
-    if args.sample_weights != "float32" and args.device != "cpu":
-        raise UsageError(f"--sample-weights {args.sample_weights} makes copies for the CPU's packed decoder; on a "
-                         "GPU use --dtype")
-    for flag, which in (("--sample-weights", args.sample_weights), ("--learner-dtype", args.learner_dtype)):
-        if args.device == "cpu":
-            from fast.packing import missing_product
-            reason = missing_product(which)
-            if reason:  # they exist only to be faster: say so, not run slower or fail later
-                raise UsageError(f"{flag} {which}: {reason}; use float32")
+    # Low-precision numbers exist only to be faster: say where they cannot be, not run slower or fail later.
+    group = alpha + beta + gamma
+    reason = copies_refused(args.sample_weights, args.device, group)
+    if reason:
+        raise UsageError(f"--sample-weights {args.sample_weights}: {reason}; use "
+                         f"{'a smaller group or ' if group not in PACK_ROWS else ''}float32")
+    if args.device == "cpu" and missing_product(args.learner_dtype):
+        raise UsageError(f"--learner-dtype {args.learner_dtype}: {missing_product(args.learner_dtype)}; use float32")
     if not (args.device == "cpu" or args.device.startswith("cuda")):
         raise UsageError(f"unknown device '{args.device}'; use cpu or cuda (cuda:N for one GPU)")
     cfg["out"] = args.out or os.path.join("runs", folder_name(args.task, task.task_id, args.method, f"s{args.seed}"))

@@ -10,7 +10,7 @@ tests/test_sampler.py proves each path draws the samples of the plain step (samp
 import torch
 
 from fast.cascade import SHARE_MIN, CascadeCache, common_prefix
-from fast.packing import PACK_ROWS, CopyRefused, PackedDecoder
+from fast.packing import PACK_ROWS, CopyRefused, PackedDecoder, copies_refused
 from sampling import ModelStep, sampling_logits
 
 CDF_BLOCK = 256  # tokens per block of the two-level inverse-CDF search (sample_blocked)
@@ -104,9 +104,8 @@ class FastStep(ModelStep):
         packed = self.packed if self.packed.available and not self.static else None
         if packed and not (rows in PACK_ROWS and max_new > 1 and packed.prepare(rows)):
             if packed.weights != "float32" and max_new > 1:  # asked for on purpose: not float32 under its name
-                why = (f"they decode {PACK_ROWS.start}-{PACK_ROWS.stop - 1} rows at a time, this call has {rows}"
-                       if rows not in PACK_ROWS else "the weights are inference tensors, which cannot be packed")
-                raise CopyRefused(packed.weights, why)
+                raise CopyRefused(packed.weights, copies_refused(packed.weights, rows=rows) or
+                                  "the weights are inference tensors, which cannot be packed")
             packed = None
         self._packed, self._repack = packed, False
 

@@ -105,6 +105,21 @@ def missing_product(weights) -> str | None:
     return f"this CPU's PyTorch has no fast {weights} product (it needs {_NEEDS[weights]})"
 
 
+def copies_refused(weights, device="cpu", rows=None) -> str | None:
+    """Why decode copies in `weights` cannot serve a call of `rows` rows on `device` (None where they can; float32
+    always can, falling back to the modules). One home for the refusal run.py gives before it loads a model and the
+    sampler gives where it meets the case."""
+    if weights == "float32":
+        return None
+    if device != "cpu":
+        return "they are for the CPU's packed decoder; on a GPU use the model's dtype"
+    if missing_product(weights):
+        return missing_product(weights)
+    if rows is not None and rows not in PACK_ROWS:
+        return f"they decode {PACK_ROWS.start}-{PACK_ROWS.stop - 1} rows at a time, this call has {rows}"
+    return None
+
+
 def _quantized_engine():
     engines = torch.backends.quantized.supported_engines
     return next((e for e in ("x86", "fbgemm") if e in engines), None)
@@ -202,9 +217,7 @@ class PackedDecoder:
         self.forced = kernel if weights == "float32" else weights
         assert self.forced is None or self.forced in KERNELS, f"unknown kernel {kernel!r}"
         if weights != "float32":  # asked for on purpose: never decode quietly in float32 instead
-            if model.lm_head.weight.device.type != "cpu":
-                raise CopyRefused(weights, "they are for the CPU's packed decoder; on a GPU use the model's dtype")
-            reason = missing_product(weights) or self._unfit()
+            reason = copies_refused(weights, model.lm_head.weight.device.type) or self._unfit()
             if reason:
                 raise CopyRefused(weights, reason)
         self.kernel = None  # kind of product -> the kernel the current packs were made with

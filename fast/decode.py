@@ -7,6 +7,8 @@
 
 tests/test_sampler.py proves each path draws the samples of the plain step (sampling.ModelStep).
 """
+import os
+
 import torch
 
 from fast.cascade import SHARE_MIN, CascadeCache, common_prefix
@@ -73,7 +75,14 @@ class FastStep(ModelStep):
         self.packed = PackedDecoder(model, weights, room=copies_room)
         self._packed, self._repack, self._compiled = None, False, None
         if compile:
-            mode = "reduce-overhead" if model.lm_head.weight.device.type == "cuda" else "default"
+            on_cpu = model.lm_head.weight.device.type == "cpu"
+            if on_cpu and os.environ.get("ATEN_CPU_CAPABILITY") == "avx2":
+                # ATen capped by hand to stand for an AVX2 CPU (scripts/bench.py's help). Inductor picks its vector
+                # width from the hardware, not from that cap, and its AVX-512 code beside ATen's AVX2 kernels
+                # decoded NaN; generated for AVX2 too, the step is what an AVX2 CPU computes.
+                import torch._inductor.config
+                torch._inductor.config.cpp.simdlen = 256
+            mode = "default" if on_cpu else "reduce-overhead"
             self._compiled = torch.compile(self._static_step, mode=mode, dynamic=False)
 
     def prefix_length(self, prompts, samples):

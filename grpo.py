@@ -153,6 +153,22 @@ def grpo_loss(logp, mask, adv, cfg: GRPOConfig, n_seqs, n_tokens, old_logp=None,
 # ---------------------------------------------------------------- the learner
 
 
+@dataclass
+class Group:
+    """One group's update in the making (Learner.prepare): its statistics, and, when it trains, the trained members'
+    padded completions (N, T) and lengths (N,), their per-row tensors for the loss, the loss, and the first epoch's
+    log-probs once taken."""
+    stats: dict
+    ids: torch.Tensor | None = None
+    lengths: torch.Tensor | None = None
+    per_row: dict | None = None
+    loss_fn: object = None
+    old: torch.Tensor | None = None
+
+    def epoch_rows(self) -> dict:
+        return dict(self.per_row, old_logp=self.old)
+
+
 class Learner:
     """GRPO updates of a LoRA-wrapped model, one group at a time, in plain PyTorch: every member's prompt and
     completion through the model, the loss, its backward. fast/shared_prompt.SharedPromptLearner is the same learner
@@ -171,8 +187,23 @@ class Learner:
 
     def step(self, prompt_ids: list[int], members: list[Rollout]) -> dict:
         """Train on one group for mu inner epochs. Returns statistics for metrics.jsonl."""
+        group = self.prepare(prompt_ids, members)
+        if group.stats["skipped"]:
+            return group.stats
+        # mu epochs of: log-probs -> clipped loss -> backward -> clipped gradient -> AdamW step.
+        self.model.train()  # LoRA dropout on
+        for epoch in range(self.cfg.mu):
+            self.opt.zero_grad(set_to_none=True)
+            logp, loss = self.backward(prompt_ids, group.ids, group.lengths, group.loss_fn, group.epoch_rows())
+            if not self.update(group, logp, loss, epoch):
+                break
+        return self.finish(group)
+
+    def prepare(self, prompt_ids: list[int], members: list[Rollout]) -> "Group":
+        """What an update on this group needs: advantages relative to the whole group, the members that train (as
+        completions of the task prompt, whatever prompt each was sampled under), their padded ids, the reference
+        log-probs and the loss. `stats["skipped"]` says why there is nothing to train."""
         cfg = self.cfg
-        # 1. Advantages relative to the whole group; which members train.
         rewards = torch.tensor([m.reward for m in members], dtype=torch.float32)
         adv = group_advantages(rewards, cfg.scale_std)
         keep = [i for i, m in enumerate(members)
@@ -181,8 +212,7 @@ class Learner:
                  "loss": None, "grad_norm": None, "skipped": None}
         if stats["zero_spread"] or not keep or all(adv[i] == 0 for i in keep):
             stats["skipped"] = "no reward spread" if stats["zero_spread"] else "no member to train"
-            return stats
-        # 2. Every trained member as a completion of the task prompt, whatever prompt it was sampled under.
+            return Group(stats)
         keep.sort(key=lambda i: len(members[i].ids))  # similar lengths side by side (the fast path's micro-batches)
         rows = [members[i] for i in keep]
         dev = self.model.lm_head.weight.device
@@ -193,25 +223,27 @@ class Learner:
         per_row = dict(mask=mask, adv=adv[keep].to(dev), gen_logp=gen, is_ns=is_ns, ref_logp=ref)
         # n_seqs: the whole group, as the reference (a masked zero-reward member adds 0 but counts)
         loss_fn = partial(grpo_loss, cfg=cfg, n_seqs=len(members), n_tokens=int(mask.sum()))
-        # 3. mu epochs of: log-probs -> clipped loss -> backward -> clipped gradient -> AdamW step.
-        old = None
-        self.model.train()  # LoRA dropout on
-        for epoch in range(cfg.mu):
+        return Group(stats, ids, lengths, per_row, loss_fn)
+
+    def update(self, group: "Group", logp, loss, epoch: int) -> bool:
+        """After an epoch's backward: clip the gradient and take the AdamW step, or drop a non-finite update (and
+        say so). The first epoch's log-probs become the ratio's old ones. False when the epochs must stop."""
+        group.old = logp if group.old is None else group.old
+        gnorm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        if not (torch.isfinite(gnorm) and torch.isfinite(loss)):
+            # Never let a NaN/inf reach the adapter: drop this update and say so.
             self.opt.zero_grad(set_to_none=True)
-            logp, loss = self.backward(prompt_ids, ids, lengths, loss_fn, dict(per_row, old_logp=old))
-            old = logp if old is None else old
-            gnorm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
-            if not (torch.isfinite(gnorm) and torch.isfinite(loss)):
-                # Never let a NaN/inf reach the adapter: drop this update and say so.
-                self.opt.zero_grad(set_to_none=True)
-                stats["skipped"] = f"non-finite {'loss' if not torch.isfinite(loss) else 'gradient'}, epoch {epoch}"
-                break
-            self.opt.step()
-            self.schedule.step()
-            stats["loss"], stats["grad_norm"] = float(loss), float(gnorm)
-        stats["lr"] = self.opt.param_groups[0]["lr"]
+            group.stats["skipped"] = f"non-finite {'loss' if not torch.isfinite(loss) else 'gradient'}, epoch {epoch}"
+            return False
+        self.opt.step()
+        self.schedule.step()
+        group.stats["loss"], group.stats["grad_norm"] = float(loss), float(gnorm)
+        return True
+
+    def finish(self, group: "Group") -> dict:
+        group.stats["lr"] = self.opt.param_groups[0]["lr"]
         self.model.eval()
-        return stats
+        return group.stats
 
     def backward(self, prompt_ids, ids, lengths, loss_fn, per_row) -> tuple[torch.Tensor, torch.Tensor]:
         """The group's log-probs (N, T), detached, and its loss after backpropagating it: `loss_fn(logp, **per_row)`."""

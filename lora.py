@@ -39,9 +39,11 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):
         y = self.base_layer(x)
-        if self.enabled:
-            y = y + (self.lora_B(self.lora_A(self.dropout(x).float())) * self.scale).to(y.dtype)
-        return y
+        return y + self.delta(x).to(y.dtype) if self.enabled else y
+
+    def delta(self, x):
+        """The low-rank update alone, scale * B(A(dropout(x))), in float32 (together.py adds it per problem)."""
+        return self.lora_B(self.lora_A(self.dropout(x).float())) * self.scale
 
     def merged_weight(self):
         """W + scale * B A as a new tensor (export, and the sampler's packed copy); the base stays untouched."""

@@ -114,6 +114,7 @@ class ModelStep:
     weights or a compiled step (run.py uses it; tests/test_sampler.py proves it draws the same samples)."""
     free_copies = False  # free the decode copies when a call ends: the plain step has none
     static = False  # a step over fixed shapes (compiled): finished rows stay in the batch
+    cache_type = KVCache
 
     def __init__(self, model):
         self.model, self.cache = model, None
@@ -128,8 +129,8 @@ class ModelStep:
         if c is None or not c.fits(batch, max_len, dtype, device):
             cfg = self.model.config
             self.cache = None  # free the old buffers before allocating the new ones
-            self.cache = KVCache(cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim,
-                                 dtype, device)
+            self.cache = self.cache_type(cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len,
+                                         cfg.head_dim, dtype, device)
         self.cache.rows, self.cache.length = batch, 0
         return self.cache
 
@@ -177,6 +178,7 @@ class Sampler:
                  stop_strings=(), generator=None, stop_ids=None, stop_when=None, on_finish=None) -> list[Rollout]:
         """Sample n completions of each prompt (token-id lists or strings); n may be a list, one per prompt.
 
+        generator: one torch.Generator, or one per prompt (prompts in a row with the same one draw from it together).
         stop_ids None means the tokenizer's; () never stops on a token (benchmarks). A row stops when its
         tail contains a stop string and, if given, `stop_when(text so far)` agrees (a task's own test).
         `on_finish(i, completion)` is called as soon as row i is complete, while the others still decode (a
@@ -248,10 +250,20 @@ class Sampler:
             return Rollout(ids=out_ids[r], text=self.tok.decode(out_ids[r]), logprobs=out_lp[r],
                            stop_reason=reason[r], prompt_index=fan[r], prompt_ids=prompts[fan[r]])
 
+        # Each run of prompts that share a generator draws from it (one generator per problem when several problems
+        # sample together: each draws what it would alone).
+        gens = gen if isinstance(gen, (list, tuple)) else [gen] * len(prompts)
+        assert len(gens) == len(prompts), f"{len(gens)} generators for {len(prompts)} prompts"
+        runs = []  # [generator, rows]
+        for g, c in zip(gens, counts):
+            if runs and runs[-1][0] is g:
+                runs[-1][1] += c
+            else:
+                runs.append([g, c])
         for t in range(max_new):
             # One uniform per original row, drawn whether or not the row is still in the batch: a row's
             # samples do not depend on when finished rows are dropped.
-            u = torch.rand(B, 1, generator=gen)[rows] if temperature != 0 else None
+            u = torch.cat([torch.rand(n, 1, generator=g) for g, n in runs])[rows] if temperature != 0 else None
             tok, lp = step.draw(logits, temperature, top_k, top_p, u)
             tok_l, lp_l = tok.tolist(), lp.tolist()
             for slot, r in enumerate(rows):

@@ -1,0 +1,190 @@
+"""K problems over one base model (together.py): each problem draws the samples it draws alone, gets the loss and the
+gradient it gets alone, and never a gradient from another's loss; on the real tiny model and SmolLM2."""
+import pytest
+import torch
+
+from grpo import GRPOConfig, Learner
+from lora import lora_modules, lora_parameters
+from model import load_model
+from sampling import Rollout, Sampler
+from together import Together, TogetherStep, learn_together, problem_model
+from weights.default_model import default_model_path, tiny_model_path
+
+TARGETS = ("q_proj", "v_proj")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model(tiny_model_path())
+
+
+def problems(base, seeds, r=4, alpha=8):
+    """A problem model per seed, its adapter moved off zero as training would (B = 0 changes nothing)."""
+    out = []
+    for s in seeds:
+        m = problem_model(base, s, r, alpha, TARGETS)
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(s + len(name))) * 0.05)
+        out.append(m)
+    return out
+
+
+def test_problem_models_share_the_base_and_draw_their_adapter_as_a_run_alone():
+    base, _ = load_model(tiny_model_path())
+    a, b = (problem_model(base, s, 4, 8, TARGETS) for s in (0, 1))
+    shared = {n: p for n, p in base.named_parameters()}
+    for m in (a, b):
+        for n, p in m.named_parameters():
+            if "lora_" not in n:
+                assert p is shared[n.replace(".base_layer", "")], f"{n} is a copy, not the base's weight"
+    solo, _ = load_model(tiny_model_path())
+    torch.manual_seed(1)  # as run.py: the seed, then inject_lora
+    from lora import inject_lora
+    inject_lora(solo, 4, 8, TARGETS)
+    want = {n: p for n, p in solo.named_parameters() if "lora_" in n}
+    assert all(torch.equal(p, want[n]) for n, p in b.named_parameters() if "lora_" in n)
+    assert not torch.equal(a.model.layers[0].self_attn.q_proj.lora_A.weight,
+                           b.model.layers[0].self_attn.q_proj.lora_A.weight)
+
+
+def sample_both(base, tok, models, prompts, counts, max_new, stop_ids, temperature=1.0):
+    """Each problem's samples alone (its own model) and together (one batch), from its own generator seed."""
+    alone = [Sampler(m, tok).generate(p, n=c, max_new_tokens=max_new, stop_ids=stop_ids, temperature=temperature,
+                                      generator=torch.Generator().manual_seed(100 + k))
+             for k, (m, p, c) in enumerate(zip(models, prompts, counts))]
+    together = Together(base, len(models), TARGETS)
+    for k, m in enumerate(models):
+        together.put(k, m)
+    step = TogetherStep(together)
+    step.prompt_slots = [k for k, p in enumerate(prompts) for _ in p]
+    gens = [torch.Generator().manual_seed(100 + k) for k in range(len(models))]
+    outs = Sampler(together.model, tok, step).generate(
+        [q for p in prompts for q in p], n=[c for cs in counts for c in cs], max_new_tokens=max_new,
+        stop_ids=stop_ids, temperature=temperature, generator=[gens[k] for k in step.prompt_slots])
+    split, at = [], 0
+    for a in alone:
+        split.append(outs[at:at + len(a)])
+        at += len(a)
+    return alone, split
+
+
+def test_sampled_together_each_problem_draws_what_it_draws_alone(tiny):
+    base, tok = tiny
+    models = problems(base, [0, 1, 2])
+    prompts = [[tok.encode("hello"), tok.encode("a longer second prompt")], [tok.encode("other problem")],
+               [tok.encode("x"), tok.encode("y y"), tok.encode("the third one, longest of all the prompts")]]
+    counts = [[3, 2], [4], [1, 2, 2]]
+    alone, together = sample_both(base, tok, models, prompts, counts, 30, stop_ids=list(range(0, 259, 29)))
+    assert any(o.stop_reason == "stop_token" for a in alone for o in a), "rows stop early: the batch shrinks"
+    for a, t in zip(alone, together):
+        assert [o.ids for o in a] == [o.ids for o in t]
+        assert max(abs(x - y) for o, r in zip(a, t) for x, y in zip(o.logprobs, r.logprobs)) < 1e-5
+    assert [o.ids for o in alone[0]] != [o.ids for o in alone[1]][:len(alone[0])]
+
+
+def test_smollm2_sampled_together_draws_what_it_draws_alone():
+    # Together, a prompt is left-padded to the batch's longest, and the products run over more rows: the logits
+    # differ from alone's by float rounding (~1e-5 of SmolLM2's), which can move a tail token's boundary in the
+    # cumulative sum past a uniform and change one draw at temperature 1. So: greedy decoding gives the same
+    # tokens, and each sampled token's log-probability is what the problem's own model gives it, to 1e-4.
+    base, tok = load_model(default_model_path())
+    models = problems(base, [0, 1], r=8, alpha=16)
+    chat = lambda text: tok.encode(tok.apply_chat_template([{"role": "user", "content": text}]))
+    prompts = [[chat("Name a colour.")], [chat("Name an animal."), chat("Name a city in France, and say why.")]]
+    alone, together = sample_both(base, tok, models, prompts, [[1], [1, 1]], 24, stop_ids=None, temperature=0)
+    assert [[o.ids for o in a] for a in alone] == [[o.ids for o in t] for t in together]
+    _, together = sample_both(base, tok, models, prompts, [[4], [2, 2]], 24, stop_ids=None)
+    for m, t in zip(models, together):
+        for o in t:
+            with torch.no_grad():
+                logp = torch.log_softmax(m(torch.tensor([o.prompt_ids + o.ids]))[0, len(o.prompt_ids) - 1:-1], -1)
+            want = logp.gather(-1, torch.tensor(o.ids)[:, None])[:, 0]
+            assert torch.allclose(torch.tensor(o.logprobs), want, atol=1e-4), (torch.tensor(o.logprobs) - want).abs().max()
+
+
+def group(tok, rewards, texts):
+    return [Rollout(tok.encode(t) + [tok.eos_id], t, reward=r) for t, r in zip(texts, rewards)]
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n and p.grad is not None}
+
+
+def test_learning_together_gives_each_problem_its_loss_and_gradient_alone(tiny):
+    base, tok = tiny
+    cfgs = [GRPOConfig(lr=1e-2, mu=2), GRPOConfig(lr=1e-2, mu=2, kl_coef=0.1)]  # the second pulled to the base
+    prompts = [tok.encode("first problem's prompt"), tok.encode("the second")]
+    groups = [group(tok, [0.2, 0.9, 0.5, 0.1], ["abc", "defgh", "x", "hello"]),
+              group(tok, [1.0, 0.0, 0.3], ["a much longer completion here", "q", "zz"])]
+    # Alone: each problem's learner on its own model.
+    solo = problems(base, [3, 4])
+    learners = [Learner(m, c) for m, c in zip(solo, cfgs)]
+    want_grads, want_stats = [], []
+    for learner, p, g in zip(learners, prompts, groups):
+        prepared = learner.prepare(p, g)
+        learner.model.train()
+        learner.backward(p, prepared.ids, prepared.lengths, prepared.loss_fn, prepared.epoch_rows())
+        want_grads.append(grads(learner.model))
+    learners = [Learner(m, c) for m, c in zip(problems(base, [3, 4]), cfgs)]
+    want_stats = [learner.step(p, g) for learner, p, g in zip(learners, prompts, groups)]
+    want_after = [{n: p.detach().clone() for n, p in l.model.named_parameters() if "lora_" in n} for l in learners]
+    # Together: the same problems' fresh models in slots 0 and 1.
+    models = problems(base, [3, 4])
+    together = Together(base, 2, TARGETS)
+    for k, m in enumerate(models):
+        together.put(k, m)
+    learners = [Learner(m, c) for m, c in zip(models, cfgs)]
+    prepared = [l.prepare(p, g) for l, p, g in zip(learners, prompts, groups)]
+    for m in models:
+        m.train()
+    logps = together.logprobs([0, 1], prompts, [g.ids for g in prepared])
+    losses = [g.loss_fn(lp, **g.epoch_rows()) for g, lp in zip(prepared, logps)]
+    torch.stack(losses).sum().backward()
+    for m, want in zip(models, want_grads):
+        got = grads(m)
+        assert set(got) == set(want)
+        for n in want:
+            assert torch.allclose(got[n], want[n], atol=1e-5, rtol=1e-4), (n, (got[n] - want[n]).abs().max())
+    # And the whole update: the same losses, gradient norms and adapters after mu = 2 epochs.
+    models = problems(base, [3, 4])
+    for k, m in enumerate(models):
+        together.put(k, m)
+    stats = learn_together(together, [Learner(m, c) for m, c in zip(models, cfgs)], prompts, groups)
+    for s, w in zip(stats, want_stats):
+        assert s["skipped"] is None and abs(s["loss"] - w["loss"]) < 1e-5 and abs(s["grad_norm"] - w["grad_norm"]) < 1e-5
+    for m, want in zip(models, want_after):
+        for n, p in m.named_parameters():
+            if "lora_" in n:
+                assert torch.allclose(p, want[n], atol=1e-5), (n, (p - want[n]).abs().max())
+
+
+def test_one_problems_loss_gives_another_no_gradient_and_a_group_without_spread_skips(tiny):
+    base, tok = tiny
+    models = problems(base, [5, 6, 7])
+    together = Together(base, 3, TARGETS)
+    for k, m in enumerate(models):
+        together.put(k, m)
+    prompts = [tok.encode("p one"), tok.encode("p two"), tok.encode("p three")]
+    groups = [group(tok, [0.1, 0.7], ["ab", "cd"]), group(tok, [0.4, 0.2], ["efg", "h"]),
+              group(tok, [0.5, 0.5], ["same", "reward"])]
+    learners = [Learner(m, GRPOConfig(lr=1e-2, mu=1)) for m in models]
+    prepared = [l.prepare(p, g) for l, p, g in zip(learners, prompts, groups[:2])]
+    logps = together.logprobs([0, 1], prompts[:2], [g.ids for g in prepared])
+    prepared[0].loss_fn(logps[0], **prepared[0].epoch_rows()).backward()
+    assert len(grads(models[0])) == 2 * len(together.layers) and all(g.abs().sum() > 0 for g in
+                                                                    grads(models[0]).values()), "problem 0's gradient"
+    # Problem 1's rows were in the pass (their gradient is computed, as zeros); problem 2 was not in it at all.
+    assert all(p.grad is not None and torch.count_nonzero(p.grad) == 0 for p in lora_parameters(models[1])), \
+        "another problem's loss reached this adapter"
+    assert all(p.grad is None for p in lora_parameters(models[2]))
+    for m in models:
+        for p in lora_parameters(m):
+            p.grad = None
+    before = [{n: p.detach().clone() for n, p in m.named_parameters() if "lora_" in n} for m in models]
+    stats = learn_together(together, learners, prompts, groups)
+    assert [s["skipped"] for s in stats] == [None, None, "no reward spread"], stats
+    assert all(torch.equal(p, before[2][n]) for n, p in models[2].named_parameters() if "lora_" in n)
+    assert not all(torch.equal(p, before[0][n]) for n, p in models[0].named_parameters() if "lora_" in n)
+    assert len(lora_modules(models[0])) == len(together.layers)

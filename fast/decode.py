@@ -80,8 +80,8 @@ class FastStep(ModelStep):
                 # ATen capped by hand to stand for an AVX2 CPU (scripts/bench.py's help). Inductor picks its vector
                 # width from the hardware, not from that cap, and its AVX-512 code beside ATen's AVX2 kernels
                 # decoded NaN; generated for AVX2 too, the step is what an AVX2 CPU computes.
-                import torch._inductor.config
-                torch._inductor.config.cpp.simdlen = 256
+                from torch._inductor import config as inductor
+                inductor.cpp.simdlen = 256
             mode = "default" if on_cpu else "reduce-overhead"
             self._compiled = torch.compile(self._static_step, mode=mode, dynamic=False)
 

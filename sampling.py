@@ -180,7 +180,8 @@ class Sampler:
 
         generator: one torch.Generator, or one per prompt (prompts in a row with the same one draw from it together).
         stop_ids None means the tokenizer's; () never stops on a token (benchmarks). A row stops when its
-        tail contains a stop string and, if given, `stop_when(text so far)` agrees (a task's own test).
+        tail contains a stop string and, if given, `stop_when(text so far)` agrees (a task's own test; or one such
+        test per prompt).
         `on_finish(i, completion)` is called as soon as row i is complete, while the others still decode (a
         slow reward can start early).
         Returns sum(n) completions, prompt-major. temperature 0 is greedy (deterministic); its
@@ -275,8 +276,9 @@ class Sampler:
                     reason[r], live[slot] = "stop_token", False
                 elif stop_strings:
                     tail = self.tok.decode(out_ids[r][-stop_window:], skip_special_tokens=False)
+                    when = stop_when[fan[r]] if isinstance(stop_when, (list, tuple)) else stop_when
                     if any(s in tail for s in stop_strings) and (
-                            stop_when is None or stop_when(self.tok.decode(out_ids[r]))):
+                            when is None or when(self.tok.decode(out_ids[r]))):
                         reason[r], live[slot] = "stop_string", False
                 if not live[slot] and on_finish is not None:
                     on_finish(r, completion(r))

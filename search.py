@@ -19,7 +19,7 @@ import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -77,6 +77,27 @@ class SearchConfig:
         m = METHODS[self.method]
         N = self.alpha + self.beta + self.gamma
         return (*m.mix(N, self.alpha, self.beta, self.gamma, min(self.baseline_alpha, N)), m.prompt, m.trains)
+
+
+@dataclass
+class Step:
+    """One step of one problem in the making: what `Search.plan` chose to sample, what came back and how it
+    scored, the group, the learner's statistics, and the times of its phases."""
+    t0: float
+    prompts: list = field(default_factory=list)  # prompt ids, each sampled counts[i] times
+    counts: list = field(default_factory=list)
+    sources: list = field(default_factory=list)  # each sample's role in the group ("on-policy", "neighbour")
+    db_sources: list = field(default_factory=list)  # and its source in the database ("neighbour" or "opro")
+    greedy: list = field(default_factory=list)  # members replayed from the database
+    early: object = None  # EarlyRewards for a slow reward
+    outs: list = field(default_factory=list)  # the sampler's Rollouts
+    rewards: list = field(default_factory=list)
+    new_rewards: list = field(default_factory=list)
+    kinds: list = field(default_factory=list)
+    members: list = field(default_factory=list)  # the GRPO group
+    stats: dict = field(default_factory=dict)
+    t_sample: float = 0.0
+    t_reward: float = 0.0
 
 
 class Search:
@@ -167,48 +188,69 @@ class Search:
     # ------------------------------------------------------------ one step
 
     def step(self) -> dict:
-        cfg, t0 = self.cfg, time.perf_counter()
+        """One step alone: plan the group, sample it, score it, train on it, and say what happened (metrics.jsonl)."""
+        step = self.plan()
+        step.outs = self.sampler.generate(step.prompts, **self.sampling(step), generator=self.gen) \
+            if step.prompts else []
+        self.scored(step)
+        step.stats = self.learner.step(self.task_prompt, step.members) if self.learns(step) else {}
+        return self.finish(step)
+
+    def plan(self) -> "Step":
+        """The step's prompts and how many samples of each, and the greedy members replayed from the database."""
         self.step_idx += 1
-        greedy = self.db.top(self.beta, distinct_completions=True) if self.beta else []
-        n_on = self.alpha + (self.beta - len(greedy))  # no past completions yet: sample instead
-        prompts, counts, sources, db_sources = [], [], [], []
+        step = Step(t0=time.perf_counter())
+        step.greedy = self.db.top(self.beta, distinct_completions=True) if self.beta else []
+        n_on = self.alpha + (self.beta - len(step.greedy))  # no past completions yet: sample instead
         ns_prompt = self.ns_prompt() if self.gamma else None
         n_ns = self.gamma if ns_prompt else 0
         n_on += self.gamma - n_ns  # nothing scored yet: sample the task prompt instead
         for prompt, n, source, db_source in ((self.task_prompt, n_on, "on-policy", "on-policy"),
                                              (ns_prompt, n_ns, "neighbour", self.ns_kind)):
             if n:  # one prompt sampled n times: prefilled once
-                prompts.append(prompt)
-                counts.append(n)
-                sources += [source] * n  # NS members are trained as completions of the task prompt too
-                db_sources += [db_source] * n
+                step.prompts.append(prompt)
+                step.counts.append(n)
+                step.sources += [source] * n  # NS members are trained as completions of the task prompt too
+                step.db_sources += [db_source] * n
+        step.early = EarlyRewards(self) if self.task.slow_reward else None
+        return step
+
+    def sampling(self, step: "Step") -> dict:
+        """The sampler's arguments for this step's prompts (but the generator)."""
         prefix = self.task.answer_prefix
-        early = EarlyRewards(self) if self.task.slow_reward else None
-        outs = self.sampler.generate(prompts, n=counts, max_new_tokens=cfg.max_new_tokens,
-                                     temperature=cfg.temperature, stop_strings=self.task.stop_strings,
-                                     stop_when=lambda text: self.task.finished(prefix + text),
-                                     on_finish=early.submit if early else None,
-                                     generator=self.gen) if prompts else []
-        t_sample = time.perf_counter()
-        rewards, new_rewards, kinds = self.score([(prefix + o.text, o.ids) for o in outs], db_sources, self.step_idx,
-                                               early)
-        t_reward = time.perf_counter()
-        new_calls = len(new_rewards)
+        return dict(n=step.counts, max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
+                    stop_strings=self.task.stop_strings, stop_when=lambda text: self.task.finished(prefix + text),
+                    on_finish=step.early.submit if step.early else None)
+
+    def scored(self, step: "Step"):
+        """Score the step's samples (`step.outs`) and build its GRPO group."""
+        step.t_sample = time.perf_counter()
+        prefix = self.task.answer_prefix
+        step.rewards, step.new_rewards, step.kinds = self.score(
+            [(prefix + o.text, o.ids) for o in step.outs], step.db_sources, self.step_idx, step.early)
+        step.t_reward = time.perf_counter()
         sampled = [replace(o, text=prefix + o.text, source=src, reward=r, info={"kind": kind})
-                   for src, o, r, kind in zip(sources, outs, rewards, kinds)]
-        members = build_group(sampled, greedy, cfg.failed, cfg.repeats)
-        stats = {}
-        if self.trains and len(members) > 1:
-            stats = self.learner.step(self.task_prompt, members)
+                   for src, o, r, kind in zip(step.sources, step.outs, step.rewards, step.kinds)]
+        step.members = build_group(sampled, step.greedy, self.cfg.failed, self.cfg.repeats)
+
+    def learns(self, step: "Step") -> bool:
+        return self.trains and len(step.members) > 1
+
+    def finish(self, step: "Step") -> dict:
+        """After training (`step.stats`, the learner's statistics): the step's metrics, and the learning
+        diagnostics when their share of the run's time allows."""
+        outs, members, rewards, kinds, stats = step.outs, step.members, step.rewards, step.kinds, step.stats
+        new_rewards, t0 = step.new_rewards, step.t0
         t_train = time.perf_counter()
+        new_calls = len(new_rewards)
         self.idle_steps = 0 if new_calls else self.idle_steps + 1
         best = self.db.best()
         group = [m.reward for m in members]
         zero_spread = len(set(group)) <= 1
         self.zero_spread_steps += zero_spread
         # what the policy sampled, a failed parse counting 0 whether or not it joined the group
-        on_policy = [r for src, r in zip(sources, rewards) if src == "on-policy" and r is not None]
-        neighbour = [r for src, r in zip(sources, rewards) if src == "neighbour" and r is not None]
+        on_policy = [r for src, r in zip(step.sources, rewards) if src == "on-policy" and r is not None]
+        neighbour = [r for src, r in zip(step.sources, rewards) if src == "neighbour" and r is not None]
         diag = {"on_policy_reward": sum(on_policy) / len(on_policy) if on_policy else None,
                 "neighbour_reward": sum(neighbour) / len(neighbour) if neighbour else None,
                 # what the search gains: the mean reward of this step's new candidates (a collapsed policy's
@@ -236,8 +278,9 @@ class Search:
                 "zero_spread": zero_spread, "zero_spread_share": round(self.zero_spread_steps / self.step_idx, 4),
                 "train_skipped": stats.get("skipped"),
                 "lr": stats.get("lr"), **diag,
-                "seconds": round(time.perf_counter() - t0, 3), "sample_seconds": round(t_sample - t0, 3),
-                "reward_seconds": round(t_reward - t_sample, 3), "train_seconds": round(t_train - t_reward, 3),
+                "seconds": round(time.perf_counter() - t0, 3), "sample_seconds": round(step.t_sample - t0, 3),
+                "reward_seconds": round(step.t_reward - step.t_sample, 3),
+                "train_seconds": round(t_train - step.t_reward, 3),
                 "diagnostics_seconds": round(time.perf_counter() - t_train, 3)}
 
     def ns_prompt(self) -> list[int] | None:

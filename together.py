@@ -16,6 +16,7 @@ problem's adapter. A problem's loss reaches only its own adapter: the others' pa
 tests/test_together.py proves the samples, the loss and the gradient equal a problem's alone.
 """
 import copy
+from dataclasses import replace
 
 import torch
 import torch.nn as nn
@@ -132,11 +133,12 @@ class Together:
         return out
 
 
-def learn_together(together: Together, learners: list[Learner], prompts, groups) -> list[dict]:
-    """One GRPO update for each of K problems (learner k trains problem k, in slot k), their groups' forward and
-    backward in one pass through the base weights: the sum of their losses, each of which reaches only its own
-    adapter; then each learner's own clip and AdamW step, as `Learner.step` takes them alone. Returns each
-    problem's statistics."""
+def learn_together(together: Together, learners: list[Learner], prompts, groups, slots=None) -> list[dict]:
+    """One GRPO update for each of K problems (learner i trains the problem in slot slots[i], default i), their
+    groups' forward and backward in one pass through the base weights: the sum of their losses, each of which
+    reaches only its own adapter; then each learner's own clip and AdamW step, as `Learner.step` takes them
+    alone. Returns each problem's statistics."""
+    slots = list(range(len(learners))) if slots is None else slots
     prepared = [learner.prepare(p, members) for learner, p, members in zip(learners, prompts, groups)]
     going = [k for k, g in enumerate(prepared) if not g.stats["skipped"]]
     mus = {learners[k].cfg.mu for k in going}
@@ -147,7 +149,8 @@ def learn_together(together: Together, learners: list[Learner], prompts, groups)
     for epoch in range(mus.pop() if mus else 0):
         for k in going:
             learners[k].opt.zero_grad(set_to_none=True)
-        logps = together.logprobs(going, [prompts[k] for k in going], [prepared[k].ids for k in going])
+        logps = together.logprobs([slots[k] for k in going], [prompts[k] for k in going],
+                                  [prepared[k].ids for k in going])
         losses = [prepared[k].loss_fn(lp, **prepared[k].epoch_rows()) for k, lp in zip(going, logps)]
         torch.stack(losses).sum().backward()
         going = [k for k, lp, loss in zip(going, logps, losses)  # a non-finite update stops that problem's epochs
@@ -180,3 +183,45 @@ class TogetherStep(ModelStep):
         cache.tags = self.together.rows
         cache.tags.set(self.prompt_slots)  # the prefill's rows are the prompts
         return cache
+
+
+def step_together(searches, sampler, slots: list[int]) -> list[dict]:
+    """One step of each search (search.Search, one problem each, in slot slots[i] of the sampler's Together), as
+    `Search.step` takes it alone but for two things done once for all: every problem's prompts sampled in one
+    batch (each problem drawing from its own generator), and the groups of those that train learned in one pass.
+    Returns each search's metrics."""
+    step = sampler.step
+    assert isinstance(step, TogetherStep), "sample K problems with Sampler(together.model, tok, TogetherStep(...))"
+    plans = [s.plan() for s in searches]
+    args = [s.sampling(p) for s, p in zip(searches, plans)]
+    shared = {k: args[0][k] for k in ("max_new_tokens", "temperature", "stop_strings")}
+    assert all({k: a[k] for k in shared} == shared for a in args), "problems sampled together share these settings"
+    prompts, counts, gens, stops, owner = [], [], [], [], []  # owner: (search, its row) of each row
+    step.prompt_slots = []
+    for i, (s, p, a) in enumerate(zip(searches, plans, args)):
+        for prompt, n in zip(p.prompts, p.counts):
+            prompts.append(prompt)
+            counts.append(n)
+            gens.append(s.gen)
+            stops.append(a["stop_when"])
+            step.prompt_slots.append(slots[i])
+        owner += [(i, r) for r in range(sum(p.counts))]
+
+    def finished(row, completion):  # a slow reward starts as soon as its row is done, as alone
+        i, r = owner[row]
+        if args[i]["on_finish"]:
+            args[i]["on_finish"](r, completion)
+    outs = sampler.generate(prompts, n=counts, generator=gens, stop_when=stops, on_finish=finished,
+                            **shared) if prompts else []
+    first = 0  # the problem's first prompt in the batch
+    for i, (s, p) in enumerate(zip(searches, plans)):
+        p.outs = [replace(o, prompt_index=o.prompt_index - first) for o, (j, _) in zip(outs, owner) if j == i]
+        first += len(p.prompts)
+        s.scored(p)
+    learning = [i for i, (s, p) in enumerate(zip(searches, plans)) if s.learns(p)]
+    stats = learn_together(sampler.step.together, [searches[i].learner for i in learning],
+                           [searches[i].task_prompt for i in learning], [plans[i].members for i in learning],
+                           [slots[i] for i in learning]) if learning else []
+    for i, st in zip(learning, stats):
+        plans[i].stats = st
+    return [s.finish(p) for s, p in zip(searches, plans)]

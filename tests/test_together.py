@@ -188,3 +188,61 @@ def test_one_problems_loss_gives_another_no_gradient_and_a_group_without_spread_
     assert all(torch.equal(p, before[2][n]) for n, p in models[2].named_parameters() if "lora_" in n)
     assert not all(torch.equal(p, before[0][n]) for n, p in models[0].named_parameters() if "lora_" in n)
     assert len(lora_modules(models[0])) == len(together.layers)
+
+
+def run_problems(tmp_path, words, seeds, steps, together_k):
+    """Toy problems (hidden words) searched with MiGrATe for `steps` steps, alone (together_k 0) or together.
+    Returns each problem's scored rows, metrics without timings, and adapter."""
+    from database import Database
+    from search import Search, SearchConfig
+    from tasks import load_task
+    from together import step_together
+    base, tok = load_model(tiny_model_path())
+    cfg = SearchConfig(method="migrate", alpha=2, beta=1, gamma=1, budget=40, max_new_tokens=10)
+    models = problems(base, seeds)  # trained-looking adapters, so that each problem samples its own
+    searches = []
+    for k, (w, s, m) in enumerate(zip(words, seeds, models)):
+        learner = Learner(m, GRPOConfig(lr=1e-2, mu=2))
+        db = Database(str(tmp_path / f"{together_k}-{w}.sqlite"))
+        searches.append(Search(cfg, load_task("toy", w, seed=s), tok, Sampler(m, tok), db, learner, seed=s,
+                               diagnose=1.0))
+    metrics = [[] for _ in searches]
+    if together_k:
+        together = Together(base, together_k, TARGETS)
+        for k, m in enumerate(models):
+            together.put(k, m)
+        sampler = Sampler(together.model, tok, TogetherStep(together))
+        for _ in range(steps):
+            for k, m in enumerate(step_together(searches, sampler, list(range(len(searches))))):
+                metrics[k].append(m)
+    else:
+        for _ in range(steps):
+            for k, s in enumerate(searches):
+                metrics[k].append(s.step())
+    timing = ("seconds", "sample_seconds", "reward_seconds", "train_seconds", "diagnostics_seconds")
+    out = []
+    for s, ms, m in zip(searches, metrics, models):
+        rows = [(r.key, r.completion_ids, r.reward, r.source, r.step) for r in s.db.scored()]
+        s.db.close()
+        out.append((rows, [{k: v for k, v in x.items() if k not in timing} for x in ms],
+                    {n: p.detach().clone() for n, p in m.named_parameters() if "lora_" in n}))
+    return out
+
+
+def test_searches_stepped_together_find_what_they_find_alone(tmp_path):
+    # Three toy problems, four MiGrATe steps (sampling, scoring, NS prompts, greedy members, two-epoch GRPO updates,
+    # learning diagnostics): together, every problem scores the same candidates from the same completions, in the
+    # same steps, with the same metrics, and ends with the same adapter to float rounding.
+    words, seeds = ["migrate", "search", "ranking"], [0, 1, 2]
+    alone = run_problems(tmp_path, words, seeds, 4, 0)
+    together = run_problems(tmp_path, words, seeds, 4, 3)
+    for (rows_a, metrics_a, lora_a), (rows_t, metrics_t, lora_t) in zip(alone, together):
+        assert rows_a == rows_t and len(rows_a) > 8
+        for ma, mt in zip(metrics_a, metrics_t):
+            assert ma.keys() == mt.keys()
+            for key in ma:
+                a, t = ma[key], mt[key]
+                assert (abs(a - t) < 1e-4 if isinstance(a, float) and isinstance(t, float) else a == t), (key, a, t)
+        assert any(m["loss"] is not None for m in metrics_a), "the problems trained"
+        for n in lora_a:
+            assert torch.allclose(lora_a[n], lora_t[n], atol=1e-5), (n, (lora_a[n] - lora_t[n]).abs().max())

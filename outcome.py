@@ -7,11 +7,12 @@ import os
 import sys
 
 
-def progress(m, budget, left):
+def progress(m, budget, left, name=""):
+    """A step's line; `name` (the problem) where several problems print theirs."""
     best = "-" if m["best_reward"] is None else f"{m['best_reward']:.3f}"
-    line = (f"step {m['step']:4d} | calls {m['oracle_calls']:5d}/{budget} | best {best} | "
+    line = (f"{name + ' | ' if name else ''}step {m['step']:4d} | calls {m['oracle_calls']:5d}/{budget} | best {best} | "
             f"group mean {m['group_reward_mean'] or 0:.3f} | {m['seconds']:.1f} s | {left}")
-    end = "\r" if sys.stderr.isatty() else "\n"
+    end = "\r" if sys.stderr.isatty() and not name else "\n"
     print(line, end=end, file=sys.stderr, flush=True)
 
 

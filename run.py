@@ -1,22 +1,22 @@
-"""The command line: search one black-box problem with MiGrATe or a baseline, in a resumable run folder.
+"""The command line: search black-box problems with MiGrATe or a baseline, each in a resumable run folder
+(problem.py): one problem, several one after another (or shared out under torchrun), or several together in one
+process over one model (--together K, together.py).
 
     python run.py --task arc --task-id 6150a2bd            # the main job: the task's model, the cpu preset
     python run.py --task toy --model tiny                   # the whole loop in seconds
     python run.py --task arc --dry-run                      # the resolved settings and where each comes from
     python run.py --resume runs/arc-6150a2bd-migrate-s0     # continue a stopped run
+    python run.py --task semantle --task-ids paper --together 4   # ten problems, four at a time
 
-Run folder: config.json (resolved flags), metrics.jsonl (one line per step), candidates.sqlite (every
-scored candidate), checkpoint.pt (adapter, optimiser, RNG and search state of the last completed step,
-replaced atomically), adapter/ (the LoRA adapter in PEFT format), summary.json and reward_curve.png.
 Bad input gets one line on stderr and exit status 2.
 """
 import argparse
 import json
 import math
 import os
-import sqlite3
 import sys
-import time
+
+from problem import UsageError, folder_name, read_config, write_json
 
 def parser():
     from lora import LORA_TARGETS
@@ -27,6 +27,9 @@ def parser():
     g.add_argument("--task-ids", default=None,
                    help="several problems: comma-separated ids or a named set (e.g. semantle's 'paper'); under "
                         "torchrun they are shared out over the processes, each problem in its own run folder")
+    g.add_argument("--together", type=int, default=None, metavar="K",
+                   help="with --task-ids: K problems at a time in this one process over one copy of the model, "
+                        "each with its own adapter, sampled and trained in one batch (together.py)")
     g.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
                    help="an option of the task itself, e.g. semantle's words=1 (words per completion); repeatable")
     g.add_argument("--seed", type=int, default=0, help="seed of sampling, anchors and LoRA initialisation")
@@ -106,10 +109,6 @@ def parser():
                    help="print the resolved configuration as JSON (each value with where it comes from) and exit, "
                         "without loading a model or fetching anything")
     return p
-
-
-class UsageError(Exception):
-    """Bad input: printed as one line, exit status 2."""
 
 
 def resolve(args):
@@ -208,13 +207,6 @@ def resolve(args):
     return cfg, task, sources
 
 
-def config_of(cls, cfg: dict):
-    """The learner's or the search's config from config.json: every field of `cls` the run recorded (a run
-    from before a field existed gets the field's default, the behaviour it ran with)."""
-    from dataclasses import fields
-    return cls(**{f.name: cfg[f.name] for f in fields(cls) if f.name in cfg})
-
-
 def task_options(pairs) -> dict:
     """["words=1", "timeout_s=4.5", "name=x"] -> {"words": 1, "timeout_s": 4.5, "name": "x"} (JSON values, else text)."""
     out = {}
@@ -229,200 +221,21 @@ def task_options(pairs) -> dict:
     return out
 
 
-def read_config(folder) -> dict:
-    path = os.path.join(folder, "config.json")
-    if not os.path.isdir(folder) or not os.path.exists(path):
-        raise UsageError(f"'{folder}' is not a run folder (no config.json); give a folder that run.py wrote")
-    try:
-        with open(path) as f:
-            cfg = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise UsageError(f"{path} is unreadable ({e}); the run cannot be resumed, start it again with --out")
-    missing = {"task", "task_id", "method", "budget", "seed"} - set(cfg)
-    if missing:
-        raise UsageError(f"{path} lacks {sorted(missing)}; it was not written by run.py")
-    return dict(cfg, out=folder)
-
-
-def write_json(path, obj):
-    """Write JSON whole or not at all (atomic.py)."""
-    from atomic import write_atomically
-
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-    write_atomically(path, write)
-
-
-def folder_name(*parts) -> str:
-    """A run folder's name from its parts (task, problem, method or label, seed): one path component, whatever
-    the task id holds (molecule ids have ':' and '/', a task file is a path, several ids have ',')."""
-    return "-".join(str(p) for p in parts).replace(":", "_").replace("/", "_").replace(",", "+")
-
-
 def run(cfg, *, resume=False, task=None) -> int:
     """Run (or continue) the search a configuration describes, in its run folder; `task` is the one `resolve`
     built for it, else it is built here. Returns 0."""
-    import torch
-    from atomic import write_atomically
-    from fast.cpu_linear import use_fast_linear
-    from database import Database
-    from weights.default_model import canonical, model_path
-    from fast.shared_prompt import SharedPromptLearner
-    from grpo import GRPOConfig
-    from lora import inject_lora, save_adapter
-    from model import load_model
-    from outcome import plot, progress, summarise, time_left, what_learned, what_next
-    from fast.decode import FastStep
-    from fast.packing import CopyRefused
-    from plan import DoesNotFit, expected, measure, minutes, plan_run, step_seconds
-    from sampling import Sampler
-    from search import METHODS, Search, SearchConfig
-    from tasks import Preset, load_task
-
-    out = cfg["out"]
-    ckpt_path = os.path.join(out, "checkpoint.pt")
-    if not resume and os.path.exists(os.path.join(out, "config.json")):
-        raise UsageError(f"{out} already holds a run; continue it with --resume {out} or choose another --out")
-    if cfg["device"].startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda but no CUDA GPU is visible to PyTorch; use --device cpu")
-    try:
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, ".writable"), "w"):
-            pass
-        os.remove(os.path.join(out, ".writable"))
-    except OSError as e:
-        raise UsageError(f"cannot write the run folder {out} ({e.strerror}); choose another --out") from None
-    if task is None:
-        task = load_task(cfg["task"], cfg["task_id"], seed=cfg["seed"], options=cfg.get("task_options"))
-    torch.manual_seed(cfg["seed"])  # LoRA's A matrices
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg["dtype"]]
-    trains = METHODS[cfg["method"]].trains
-    try:  # before anything is fetched or written: the prompt's length estimated from its characters
-        plan = plan_run(cfg, task, trains)
-    except DoesNotFit as e:
-        raise UsageError(str(e) if not resume else f"{e}; a resumed run keeps its model: start a new run with "
-                         "--model to change it") from None
-    model, tok = load_model(model_path(cfg["model"]), device=cfg["device"], dtype=dtype)
-    learner = None
-    if trains:
-        inject_lora(model, cfg["lora_r"], cfg["lora_alpha"], tuple(cfg["lora_targets"]), cfg["lora_dropout"])
-        learner = SharedPromptLearner(model, config_of(GRPOConfig, cfg))  # grpo.Learner, the prompt run once
-    use_fast_linear(model)  # the products through the library this machine measured fastest (fast/cpu_linear.py)
-    prompt_ids = tok.encode(tok.apply_chat_template(task.prompt()) + task.answer_prefix)
-    if plan:  # the same memory, the prompt's real length (at most the estimate: it fits)
-        plan = plan_run(cfg, task, trains, len(prompt_ids), plan.available)
-    try:
-        step = FastStep(model, cfg.get("sample_weights", "float32"), cfg.get("compile", False),
-                        copies_room=plan.copies if plan else None)  # sampling.ModelStep, with fast/'s machinery
-    except CopyRefused as e:  # low-precision decode copies this model or machine cannot have
-        raise UsageError(f"--sample-weights {e.weights}: {e.reason}; use float32") from None
-    sampler = Sampler(model, tok, step)
-    if not resume:  # every refusal is behind: from here the folder holds this run
-        write_json(os.path.join(out, "config.json"), cfg)
-    if plan:  # how the learner and the sampler fit the memory (none of it changes what a run computes)
-        sampler.step.free_copies = not plan.copies_while_learning
-        if learner:
-            learner.cfg.activation_checkpointing |= plan.checkpointing
-            learner.cfg.tokens_per_microbatch = plan.tokens_per_microbatch
-    try:
-        db = Database(os.path.join(out, "candidates.sqlite"))
-    except sqlite3.DatabaseError as e:
-        raise UsageError(f"{out}/candidates.sqlite is not a readable database ({e}); the run cannot be resumed")
-    search = Search(config_of(SearchConfig, cfg), task, tok, sampler, db, learner, seed=cfg["seed"],
-                    diagnose=cfg.get("diagnostics", Preset.diagnostics))
-    elapsed = 0.0
-    metrics_path = os.path.join(out, "metrics.jsonl")
-    if resume and os.path.exists(ckpt_path):
-        try:
-            ck = torch.load(ckpt_path, weights_only=False)
-        except Exception as e:  # written atomically, so only outside damage gets here
-            raise UsageError(f"{ckpt_path} is unreadable ({type(e).__name__}); remove it to continue from the "
-                             f"database with a fresh adapter") from None
-        search.load_state(ck["search"])
-        elapsed = ck["elapsed"]
-        torch.set_rng_state(ck["torch_rng"])
-        if learner:
-            learner.load_state_dict(ck)
-        keep_metrics(metrics_path, search.step_idx)
-    else:
-        keep_metrics(metrics_path, 0)
-        search.warm_start()
-    rows = search.alpha + search.gamma  # sampled a step: each may be a new candidate
-    steps_left = search.calls_left / max(1, rows)
-    rates = measure(model, sampler, search.task_prompt, rows + search.beta)
-    if rates is None:
-        when = "expected: not estimated for a compiled decode step (the probe would compile other shapes)"
-    else:
-        per_step = step_seconds(rates, prompt_tokens=len(search.task_prompt), rows=rows + search.beta,
-                                max_new_tokens=cfg["max_new_tokens"], trains=trains,
-                                checkpointing=bool(learner and learner.cfg.activation_checkpointing),
-                                diagnostics=cfg.get("diagnostics", Preset.diagnostics),
-                                kl_pull=cfg.get("kl_coef", 0) > 0)
-        when = (f"expected: about {expected(steps_left, per_step)} for about {math.ceil(steps_left)} steps, from "
-                f"this machine's prompt pass ({1 / rates.prompt_token:.0f} tokens/s) and decoding ({rows + search.beta}"
-                f" rows at {1 / rates.decode_step:.1f} steps/s), completions of {cfg['max_new_tokens'] // 4}-"
-                f"{cfg['max_new_tokens']} tokens")
-    memory = plan.describe() if plan else "memory: not planned (a GPU, or a model folder without config.json)"
-    print(f"{cfg['task']} {task.task_id} | {cfg['method']} | model {canonical(cfg['model'])} | prompt "
-          f"{len(search.task_prompt)} tokens | budget {cfg['budget']} oracle calls ({search.calls_left} left) | "
-          f"run folder {out}\n{memory}\n{when}", file=sys.stderr)
-    t_start = time.time() - elapsed
-    history = read_metrics(metrics_path) if os.path.exists(metrics_path) else []
-    while (reason := search.done()) is None:
-        m = search.step()
-        history.append(m)
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(m) + "\n")
-        state = {"search": search.state(), "elapsed": time.time() - t_start, "torch_rng": torch.get_rng_state()}
-        if learner:
-            state.update(learner.state_dict())  # the same keys checkpoints have always had: old runs resume
-            save_adapter(model, os.path.join(out, "adapter"), base_model=cfg["model"])
-        write_atomically(ckpt_path, lambda tmp: torch.save(state, tmp))  # the step is complete once this lands
-        progress(m, cfg["budget"], time_left(history, search.calls_left))
-    if learner and search.step_idx:
-        # A kill between the adapter's save and the checkpoint's rename leaves an adapter one step ahead of the
-        # checkpoint; if that step spent the budget, the resumed loop takes no step to overwrite it. The final
-        # adapter is the final policy: write it from the model once more.
-        save_adapter(model, os.path.join(out, "adapter"), base_model=cfg["model"])
-    summary = summarise(cfg, task, db, search, reason, time.time() - t_start)
-    write_json(os.path.join(out, "summary.json"), summary)
-    plot(db.curve(), read_metrics(metrics_path), os.path.join(out, "reward_curve.png"),
-         f"{cfg['task']} {task.task_id} ({cfg['method']})")
-    print(f"\n{reason}: best reward {summary['best_reward']} after {summary['oracle_calls']} oracle calls, "
-          f"{summary['steps']} steps, {minutes(summary['wall_seconds'])}; solved: {summary['solved']}\n"
-          f"{task.describe(summary['final'])}\n"
-          + "\n".join(what_learned(cfg, read_metrics(metrics_path)) + what_next(cfg, summary))
-          + f"\nplot: {os.path.join(out, 'reward_curve.png')}; everything in {out}/summary.json", file=sys.stderr)
-    task.close()
-    db.close()
+    from problem import Problem
+    problem = Problem(cfg, resume=resume, task=task)
+    while (reason := problem.search.done()) is None:
+        problem.record(problem.search.step())
+    problem.close(reason)
     return 0
-
-
-def keep_metrics(path, last_step):
-    """Drop metrics of steps after the last checkpoint (a kill between the two writes); they are redone."""
-    if not os.path.exists(path):
-        return
-    from atomic import write_atomically
-    with open(path) as f:
-        lines = [l for l in f if l.strip() and json.loads(l)["step"] <= last_step]
-
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.writelines(lines)
-    write_atomically(path, write)
-
-
-def read_metrics(path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def run_many(args) -> int:
     """Several problems of one task: each in its own run folder under --out, finished ones skipped, stopped
     ones resumed. Under torchrun (WORLD_SIZE > 1) process r takes problems r, r+K, ... (one GPU each when
     --device cuda), and process 0 writes the aggregated summary.json once all are done."""
-    import copy
     from datetime import timedelta
     import torch
     import torch.distributed as dist
@@ -440,9 +253,7 @@ def run_many(args) -> int:
     for tid in ids:  # every process checks every id first, so a typo fails before hours of work
         load_task(args.task, tid, seed=args.seed, options=task_options(args.task_option)).close()
     for tid in ids[rank::world]:
-        one = copy.copy(args)
-        one.task_id, one.task_ids = tid, None
-        one.out = os.path.join(base, folder_name(tid))
+        one = problem_args(args, tid, base)
         if os.path.exists(os.path.join(one.out, "summary.json")):
             continue
         if os.path.exists(os.path.join(one.out, "config.json")):
@@ -453,20 +264,83 @@ def run_many(args) -> int:
     if world > 1:
         dist.barrier()
     if rank == 0:
-        summaries = []
-        for tid in ids:
-            with open(os.path.join(base, folder_name(tid), "summary.json")) as f:
-                summaries.append(json.load(f))
-        solved = sum(bool(s["solved"]) for s in summaries)
-        agg = {"task": args.task, "task_ids": ids, "method": args.method, "seed": args.seed, "processes": world,
-               "problems": len(ids), "solved": solved, "solve_rate": solved / len(ids),
-               "mean_best_reward": sum(s["best_reward"] or 0 for s in summaries) / len(ids),
-               "oracle_calls": sum(s["oracle_calls"] for s in summaries), "runs": summaries}
-        write_json(os.path.join(base, "summary.json"), agg)
-        print(f"{len(ids)} problems: {solved} solved, mean best reward {agg['mean_best_reward']:.3f}; "
-              f"summary in {base}/summary.json", file=sys.stderr)
+        aggregate(args, ids, base, processes=world)
     if world > 1:
         dist.destroy_process_group()
+    return 0
+
+
+def problem_args(args, tid, base):
+    """One problem's flags of a several-problem command: its id, its run folder under the command's."""
+    import copy
+    one = copy.copy(args)
+    one.task_id, one.task_ids, one.together = tid, None, None
+    one.out = os.path.join(base, folder_name(tid))
+    return one
+
+
+def aggregate(args, ids, base, **how):
+    """summary.json of a several-problem command, from each problem's."""
+    summaries = []
+    for tid in ids:
+        with open(os.path.join(base, folder_name(tid), "summary.json")) as f:
+            summaries.append(json.load(f))
+    solved = sum(bool(s["solved"]) for s in summaries)
+    agg = {"task": args.task, "task_ids": ids, "method": args.method, "seed": args.seed, **how,
+           "problems": len(ids), "solved": solved, "solve_rate": solved / len(ids),
+           "mean_best_reward": sum(s["best_reward"] or 0 for s in summaries) / len(ids),
+           "oracle_calls": sum(s["oracle_calls"] for s in summaries), "runs": summaries}
+    write_json(os.path.join(base, "summary.json"), agg)
+    print(f"{len(ids)} problems: {solved} solved, mean best reward {agg['mean_best_reward']:.3f}; "
+          f"summary in {base}/summary.json", file=sys.stderr)
+
+
+def run_together(args) -> int:
+    """Several problems of one task in one process over one model, `--together K` at a time (together.py): each in
+    its own run folder, resumed where it stopped, skipped where it finished; each step samples every running
+    problem's rows in one batch and trains their groups in one pass; a finished problem's slot takes the next."""
+    from problem import Problem, Shared
+    from tasks import problem_ids
+    from together import step_together
+    ids = problem_ids(args.task, args.task_ids)
+    if args.together < 1:
+        raise UsageError(f"--together must be at least 1, got {args.together}")
+    base = args.out or os.path.join("runs", folder_name(args.task, args.task_ids, args.method, f"s{args.seed}"))
+    queue = []  # (cfg, resume, task) of every problem not finished yet, checked before any is run
+    for tid in ids:
+        one = problem_args(args, tid, base)
+        if os.path.exists(os.path.join(one.out, "summary.json")):
+            continue
+        if os.path.exists(os.path.join(one.out, "config.json")):
+            queue.append((read_config(one.out), True, None))
+        else:
+            cfg, task, _ = resolve(one)
+            queue.append((cfg, False, task))
+    if queue:
+        same = ("model", "device", "dtype", "lora_targets", "max_new_tokens", "temperature")
+        for cfg, _, _ in queue:
+            if any(cfg[k] != queue[0][0][k] for k in same):
+                raise UsageError(f"problems run together share {', '.join(same)}; {cfg['out']} has other ones")
+        shared = Shared(queue[0][0], args.together)
+        slots = [None] * args.together
+        while queue or any(slots):
+            for k in range(len(slots)):
+                while slots[k] is None and queue:  # a problem already done at opening closes at once
+                    cfg, resume, task = queue.pop(0)
+                    problem = Problem(cfg, resume=resume, task=task, shared=shared)
+                    if (reason := problem.search.done()) is not None:
+                        problem.close(reason)
+                        continue
+                    shared.together.put(k, problem.model)
+                    slots[k] = problem
+            running = [k for k, p in enumerate(slots) if p]
+            metrics = step_together([slots[k].search for k in running], shared.sampler, running)
+            for k, m in zip(running, metrics):
+                slots[k].record(m, name=str(slots[k].task.task_id))
+                if (reason := slots[k].search.done()) is not None:
+                    slots[k].close(reason)
+                    slots[k] = None
+    aggregate(args, ids, base, together=args.together)
     return 0
 
 
@@ -495,8 +369,10 @@ def main(argv=None):
         if args.dry_run and (args.task_ids or args.resume):
             raise UsageError("--dry-run resolves one new run: give --task-id, not --task-ids; a run to resume has its "
                              "settings in its config.json" if args.resume or args.task_ids else "")
+        if args.together is not None and not args.task_ids:
+            raise UsageError("--together runs several problems: give them with --task-ids")
         if args.task_ids:
-            return run_many(args)
+            return run_together(args) if args.together is not None else run_many(args)
         if args.resume:
             cfg = read_config(args.resume)
             return run(cfg, resume=True)

@@ -28,7 +28,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from scripts.report import report, task_name
-from run import folder_name, parser as run_parser
+from problem import folder_name
+from run import parser as run_parser
 from tasks import TaskError, problem_ids, task_class
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project root: run.py is there

@@ -10,6 +10,8 @@
                            # --learner-dtypes float32 bfloat16: also the opt-in bfloat16 learner)
   python -m scripts.bench repack   # what the sampler's REPACK_ROW_STEPS weighs: seconds to rebuild the packed weights
                            # for a batch, and a packed decode step's milliseconds, per row count (no peer)
+  python -m scripts.bench together # problems per hour at equal budget, K problems at a time in one process
+                           # (--together 1 2 4 8 16) against one at a time, with peak memory and a step's phases
   python -m scripts.bench gpu      # CUDA, bf16, random weights of real shapes: decode vs transformers, roofline,
                            # one ARC-sized GRPO iteration (needs a GPU; not run on the CPU machines)
 
@@ -372,6 +374,48 @@ def bench_repack(args):
             "step_ms_per_row": round(1000 * per_row, 3), "row_steps_to_repay_a_repack": repay}
 
 
+def bench_together(args):
+    """Problems per hour at equal budget, one problem at a time (run.py --task-ids, each problem alone on the fast
+    paths) against K at a time in one process (--together K): the same problems, the same budget each, MiGrATe at
+    the task's cpu preset. Per K: wall seconds, problems per hour and its ratio to one at a time, the peak
+    resident memory, and where a step's time goes (median seconds of a step's phases; together, a step is every
+    running problem's). Semantle's problems are words outside the paper's ten."""
+    import subprocess
+    import tempfile
+    from tasks.semantle import TUNING_TARGETS
+    ids = (TUNING_TARGETS + ["mountain", "pencil", "castle", "bridge", "forest", "candle", "winter", "letter"])
+    ids = ids[:args.problems]
+    out = {"machine": machine(), "task": args.task, "problems": len(ids), "budget": args.budget, "results": []}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for k in args.together:
+        with tempfile.TemporaryDirectory() as folder:
+            cmd = [sys.executable, os.path.join(root, "run.py"), "--task", args.task, "--task-ids", ",".join(ids),
+                   "--method", "migrate", "--budget", str(args.budget), "--diagnostics", "0", "--out", folder]
+            cmd += (["--model", args.model] if args.model else []) + (["--together", str(k)] if k > 1 else [])
+            t = time.perf_counter()
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak memory
+            wall = time.perf_counter() - t
+            if os.waitstatus_to_exitcode(status) != 0:
+                print(f"error: scripts/bench.py together: run.py exited with status "
+                      f"{os.waitstatus_to_exitcode(status)} at K={k} (run it by hand to see why)", file=sys.stderr)
+                sys.exit(2)
+            steps = []
+            for tid in ids:
+                with open(os.path.join(folder, tid, "metrics.jsonl")) as f:
+                    steps += [json.loads(line) for line in f]
+        phases = {key: round(statistics.median(m[key] for m in steps), 3)
+                  for key in ("seconds", "sample_seconds", "reward_seconds", "train_seconds")}
+        row = {"together": k, "wall_s": round(wall, 1), "problems_per_hour": round(len(ids) / wall * 3600, 1),
+               "peak_rss_GB": round(usage.ru_maxrss * 1024 / 1e9, 2), "step_median_s": phases}
+        out["results"].append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    alone = next((r for r in out["results"] if r["together"] == 1), None)
+    for r in out["results"]:
+        r["ratio_to_one_at_a_time"] = round(r["problems_per_hour"] / alone["problems_per_hour"], 2) if alone else None
+    return out
+
+
 def bench_gpu(args):
     """Decode tokens/s at batch 1/16/64 for ours (compiled static decode) and transformers' generate on the
     same bf16 weights, the share of the memory-bandwidth roofline reached at batch 1, and one GRPO iteration
@@ -450,7 +494,7 @@ class _RandomTokens:
 def main():
     ap = argparse.ArgumentParser(prog="python -m scripts.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["sample", "grpo", "step", "repack", "gpu"], help="which benchmark")
+    ap.add_argument("what", choices=["sample", "grpo", "step", "repack", "together", "gpu"], help="which benchmark")
     ap.add_argument("--model", default=None, help="Hugging Face folder (default: embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--batches", type=int, nargs="+", default=None,
                     help="batch sizes (sample: 1 8 16; repack: 16 8 4 2 1; gpu: 1 16 64)")
@@ -462,7 +506,12 @@ def main():
                          "step float32)")
     ap.add_argument("--group", type=int, default=8, help="completions per group (grpo)")
     ap.add_argument("--iterations", type=int, default=3, help="timed iterations after one warm-up (grpo)")
-    ap.add_argument("--budget", type=int, default=80, help="oracle calls of the measured run (step): 20 warm start")
+    ap.add_argument("--budget", type=int, default=80,
+                    help="oracle calls of the measured run (step: 20 of them warm start; together: each problem's)")
+    ap.add_argument("--together", type=int, nargs="+", default=[1, 2, 4, 8, 16],
+                    help="together: problems at a time (1: one after another, each alone)")
+    ap.add_argument("--problems", type=int, default=16, help="together: how many problems (at most 18)")
+    ap.add_argument("--task", default="semantle", help="together: the task (semantle; toy for a quick check)")
     ap.add_argument("--kl-coefs", type=float, nargs="+", default=[0.0, 0.1], help="KL coefficients to run (step)")
     ap.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
                     help="step: run.py --dtype of each run (bfloat16: opt-in, changes numerics; its KL to float32 is printed)")
@@ -481,7 +530,8 @@ def main():
     if missing:  # figures under a low-precision label must be that dtype's
         print(f"error: scripts/bench.py: {'; '.join(missing)}; leave it out", file=sys.stderr)
         sys.exit(2)
-    benches = {"sample": bench_sample, "grpo": bench_grpo, "step": bench_step, "repack": bench_repack, "gpu": bench_gpu}
+    benches = {"sample": bench_sample, "grpo": bench_grpo, "step": bench_step, "repack": bench_repack,
+               "together": bench_together, "gpu": bench_gpu}
     try:
         result = benches[args.what](args)
     except ModelError as e:  # e.g. --model names no folder and no embedded model

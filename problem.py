@@ -81,6 +81,7 @@ class Shared:
 
     def __init__(self, cfg, slots: int):
         import torch
+        from fast.cpu_linear import use_fast_linear
         from model import load_model
         from sampling import Sampler
         from together import Together, TogetherStep
@@ -88,6 +89,7 @@ class Shared:
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg["dtype"]]
         self.base, self.tok = load_model(model_path(cfg["model"]), device=cfg["device"], dtype=dtype)
         self.together = Together(self.base, slots, tuple(cfg["lora_targets"]))
+        use_fast_linear(self.together.model)  # as a run alone: the products through the measured fastest library
         self.sampler = Sampler(self.together.model, self.tok, TogetherStep(self.together))
 
 
@@ -200,6 +202,7 @@ class Problem:
     def _together(self, shared: Shared):
         """A model of its own over the shared base (its adapter drawn as alone), the plain learner, the shared
         sampler."""
+        from fast.cpu_linear import use_fast_linear
         from grpo import GRPOConfig, Learner
         from together import problem_model
         cfg = self.cfg
@@ -207,8 +210,8 @@ class Problem:
             raise UsageError("problems run together decode through the model's own modules: drop --sample-weights "
                              "and --compile")
         self.tok, self.sampler, self.learner = shared.tok, shared.sampler, None
-        self.model = problem_model(shared.base, cfg["seed"], cfg["lora_r"], cfg["lora_alpha"],
-                                   tuple(cfg["lora_targets"]), cfg["lora_dropout"])
+        self.model = use_fast_linear(problem_model(shared.base, cfg["seed"], cfg["lora_r"], cfg["lora_alpha"],
+                                                   tuple(cfg["lora_targets"]), cfg["lora_dropout"]))
         if self.trains:
             self.learner = Learner(self.model, config_of(GRPOConfig, cfg))
 

@@ -139,9 +139,12 @@ class ARC(Task):
                               "ours: sized for a 2-core CPU (four groups of 16 programs of at most 256 tokens)"),
                         # [ours] At the paper's rate and scale (1e-5 x 0.25) the coder model's policy does not
                         # move in 64 programs; SmolLM2 writes no program that runs, so it has nothing to tune.
+                        # 2e-4 narrows onto its best-so-far program in some runs; the second round's gentler
+                        # settings (1.4e-4; 2e-4 with a KL pull of 0.3) narrowed in none but found no better
+                        # program on any task (docs/results.md, "The cpu preset").
                         Tuned(dict(lr=2e-4, lora_alpha=128, lr_schedule="constant"),
-                              "scripts/sweep.py on ARC-AGI-1 training tasks d037b0a7, e9afcf9a, 5582e5ca, 6150a2bd "
-                              "(results/sweep/arc-qwen)", model="qwen2.5-coder-1.5b"),
+                              "scripts/sweep.py, two rounds on ARC-AGI-1 training tasks d037b0a7, e9afcf9a, 5582e5ca, "
+                              "6150a2bd (results/sweep/arc-qwen)", model="qwen2.5-coder-1.5b"),
                     ))
     model = "qwen2.5-coder-1.5b"  # SmolLM2-135M writes no program that runs (2.7% over evaluation-small)
     # [ours] Stop once a complete ```python block defining transform is out: what follows is prose (or, from a

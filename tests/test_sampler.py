@@ -398,7 +398,9 @@ def test_the_blocked_draw_picks_the_plain_draws_token():
         a, la = sample(logits, temperature, top_k, top_p, u)
         b, lb = sample_blocked(logits, temperature, top_k, top_p, u)
         same = a == b
-        assert torch.allclose(la[same], lb[same], rtol=1e-5, atol=1e-5)
+        # log p = logit - log Z, and the two sum Z's 49k terms in different orders: float32 rounding of Z, a few
+        # 1e-5 of it whatever the kernels (AVX2's and AVX-512's differ), moves every log-prob by that much.
+        assert torch.allclose(la[same], lb[same], rtol=0, atol=1e-4), (la[same] - lb[same]).abs().max()
         cum = torch.softmax(sampling_logits(logits, temperature, top_k, top_p), -1).double().cumsum(-1)
         for i in (a != b).nonzero()[:, 0].tolist():
             edge = cum[i, min(a[i], b[i])].item()

@@ -84,13 +84,16 @@ class Shared:
         from fast.cpu_linear import use_fast_linear
         from model import load_model
         from sampling import Sampler
-        from together import Together, TogetherStep
+        from fast.together import FastTogether, FastTogetherStep
         from weights.default_model import model_path
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg["dtype"]]
         self.base, self.tok = load_model(model_path(cfg["model"]), device=cfg["device"], dtype=dtype)
-        self.together = Together(self.base, slots, tuple(cfg["lora_targets"]))
+        # together.Together, its learner pass with each problem's prompt run once
+        self.together = FastTogether(self.base, slots, tuple(cfg["lora_targets"]),
+                                     activation_checkpointing=cfg.get("activation_checkpointing", False),
+                                     learner_dtype=cfg.get("learner_dtype", "float32"))
         use_fast_linear(self.together.model)  # as a run alone: the products through the measured fastest library
-        self.sampler = Sampler(self.together.model, self.tok, TogetherStep(self.together))
+        self.sampler = Sampler(self.together.model, self.tok, FastTogetherStep(self.together))
 
 
 class Problem:
@@ -100,7 +103,7 @@ class Problem:
 
     Alone (shared None) the problem has the model to itself, with run.py's fast paths (fast/) and a memory plan.
     With `shared` (several problems together) its model is a together.problem_model over the shared base, with the
-    plain learner; the shared sampler decodes its rows (together.step_together steps it)."""
+    prompt-once learner; the shared sampler decodes its rows (together.step_together steps it)."""
 
     def __init__(self, cfg, *, resume=False, task=None, shared: Shared | None = None):
         import torch
@@ -200,10 +203,11 @@ class Problem:
                 self.learner.cfg.tokens_per_microbatch = self.plan.tokens_per_microbatch
 
     def _together(self, shared: Shared):
-        """A model of its own over the shared base (its adapter drawn as alone), the plain learner, the shared
-        sampler."""
+        """A model of its own over the shared base (its adapter drawn as alone), the prompt-once learner (which
+        prepares its groups; the shared model trains them together), the shared sampler."""
         from fast.cpu_linear import use_fast_linear
-        from grpo import GRPOConfig, Learner
+        from fast.shared_prompt import SharedPromptLearner
+        from grpo import GRPOConfig
         from together import problem_model
         cfg = self.cfg
         if cfg.get("sample_weights", "float32") != "float32" or cfg.get("compile"):
@@ -213,7 +217,7 @@ class Problem:
         self.model = use_fast_linear(problem_model(shared.base, cfg["seed"], cfg["lora_r"], cfg["lora_alpha"],
                                                    tuple(cfg["lora_targets"]), cfg["lora_dropout"]))
         if self.trains:
-            self.learner = Learner(self.model, config_of(GRPOConfig, cfg))
+            self.learner = SharedPromptLearner(self.model, config_of(GRPOConfig, cfg))
 
     def announce(self, alone: bool):
         """The line that says what this run will do, its memory plan and how long it should take."""

@@ -317,7 +317,8 @@ def run_together(args) -> int:
             cfg, task, _ = resolve(one)
             queue.append((cfg, False, task))
     if queue:
-        same = ("model", "device", "dtype", "lora_targets", "max_new_tokens", "temperature")
+        same = ("model", "device", "dtype", "lora_targets", "max_new_tokens", "temperature", "learner_dtype",
+                "activation_checkpointing")
         for cfg, _, _ in queue:
             if any(cfg[k] != queue[0][0][k] for k in same):
                 raise UsageError(f"problems run together share {', '.join(same)}; {cfg['out']} has other ones")

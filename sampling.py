@@ -123,6 +123,16 @@ class ModelStep:
         """How many leading tokens, shared by every prompt, go into one cache row read by all: none here."""
         return 0
 
+    def row_prefixes(self, prompts) -> list[int]:
+        """How many leading tokens of each prompt go into its cache row ahead of the rest, from a pass of their
+        own (`fill_row_prefixes`: a prefix that several prompts share, computed once and copied): none here."""
+        return [0] * len(prompts)
+
+    def fill_row_prefixes(self, cache, prefixes):
+        """Write each prompt's prefix (token lists, `row_prefixes` long) into its live row's first slots, the
+        shorter ones left-padded, and set `cache.length` past them."""
+        raise NotImplementedError("the plain step prefills whole prompts")
+
     def new_cache(self, batch, max_len, prefix_len, dtype, device) -> KVCache:
         """A cache for `batch` rows of `max_len` tokens, kept between calls and grown, never shrunk."""
         c = self.cache
@@ -209,31 +219,37 @@ class Sampler:
         model, step, P = self.model, self.step, len(prompts)
         device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
         shared = step.prefix_length(prompts, sum(counts))
-        rest = [p[shared:] for p in prompts]  # each at least one token: its last position yields the logits
+        own = step.row_prefixes([p[shared:] for p in prompts])  # tokens each row holds before its rest
+        rest = [p[shared + o:] for p, o in zip(prompts, own)]  # each at least one token: its last position yields the logits
         Tp = max(len(r) for r in rest)
         pad = torch.tensor([Tp - len(r) for r in rest], device=device)  # left padding per prompt
         ids = torch.full((P, Tp), self.tok.pad_id, dtype=torch.long)
         for i, r in enumerate(rest):
             ids[i, Tp - len(r):] = torch.tensor(r)
         ids = ids.to(device)
-        cache = step.new_cache(max(sum(counts), P), Tp + max_new, shared, dtype, device)
+        cache = step.new_cache(max(sum(counts), P), max(own) + Tp + max_new, shared, dtype, device)
         if shared:
             step.fill_prefix(cache, prompts[0][:shared])
         cache.rows = P
+        cache.bias[:P].fill_(float("-inf"))  # slots not yet written stay masked (a compiled step reads them all)
+        if any(own):
+            step.fill_row_prefixes(cache, [p[shared:shared + o] for p, o in zip(prompts, own)])
+        L = cache.length  # slots before the rest: the rows' own prefixes (0 without)
         slots = torch.arange(Tp, device=device)
         real = slots[None] >= pad[:, None]  # (P, Tp)
-        cache.bias[:P].fill_(float("-inf"))  # slots not yet written stay masked (a compiled step reads them all)
-        cache.bias[:P, :Tp].masked_fill_(real, 0.0)
-        positions = shared + (slots[None] - pad[:, None]).clamp(min=0)  # (P, Tp)
+        cache.bias[:P, L:L + Tp].masked_fill_(real, 0.0)
+        start = shared + torch.tensor(own, device=device)  # (P,) each rest's first position
+        positions = start[:, None] + (slots[None] - pad[:, None]).clamp(min=0)  # (P, Tp)
         # Causal over real tokens; a pad query also sees itself so no softmax row is empty (NaN).
         allowed = (slots[:, None] >= slots[None, :]) & real[:, None, :] | torch.eye(Tp, dtype=torch.bool, device=device)
         mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
+        mask = torch.cat([cache.bias[:P, None, :L].expand(P, Tp, L), mask], dim=2)  # (P, Tp, L + Tp)
         h = model.hidden_states(ids, positions=positions, cache=cache, attn_mask=mask[:, None])
-        cache.length = Tp
+        cache.length = L + Tp
         logits = model.logits(h[:, -1])  # (P, V): only the last position is ever sampled from
         fan = torch.arange(P, device=device).repeat_interleave(torch.tensor(counts, device=device))
         cache.select_rows(fan)  # one copy of each prompt's cache per sample
-        return cache, logits[fan], (shared + Tp - pad)[fan], fan.tolist()
+        return cache, logits[fan], (start + Tp - pad)[fan], fan.tolist()
 
     def _generate(self, prompts, counts, max_new, temperature, top_p, top_k, stop_strings, stop_when, on_finish,
                   stops, gen):

@@ -21,7 +21,7 @@ from dataclasses import replace
 import torch
 import torch.nn as nn
 
-from grpo import Learner, target_logprobs
+from grpo import Group, Learner, target_logprobs
 from lora import LoRALinear, inject_lora, lora_modules
 from sampling import KVCache, ModelStep
 
@@ -132,12 +132,21 @@ class Together:
             at += t.shape[0]
         return out
 
+    def backward(self, slots: list[int], prompts: list[list[int]], groups: list[Group]) -> list[tuple]:
+        """One epoch's pass for the groups (grpo.Group, prepared) of the problems in slots, prompts their task
+        prompts: the sum of their losses backpropagated. Returns each group's log-probs (N_i, T_i) and loss, both
+        detached (what Learner.update takes). fast/together.FastTogether runs each prompt once instead."""
+        logps = self.logprobs(slots, prompts, [g.ids for g in groups])
+        losses = [g.loss_fn(lp, **g.epoch_rows()) for g, lp in zip(groups, logps)]
+        torch.stack(losses).sum().backward()
+        return [(lp.detach(), loss.detach()) for lp, loss in zip(logps, losses)]
+
 
 def learn_together(together: Together, learners: list[Learner], prompts, groups, slots=None) -> list[dict]:
     """One GRPO update for each of K problems (learner i trains the problem in slot slots[i], default i), their
-    groups' forward and backward in one pass through the base weights: the sum of their losses, each of which
-    reaches only its own adapter; then each learner's own clip and AdamW step, as `Learner.step` takes them
-    alone. Returns each problem's statistics."""
+    groups' forward and backward in one pass through the base weights (`together.backward`): the sum of their
+    losses, each of which reaches only its own adapter; then each learner's own clip and AdamW step, as
+    `Learner.step` takes them alone. Returns each problem's statistics."""
     slots = list(range(len(learners))) if slots is None else slots
     prepared = [learner.prepare(p, members) for learner, p, members in zip(learners, prompts, groups)]
     going = [k for k, g in enumerate(prepared) if not g.stats["skipped"]]
@@ -149,12 +158,9 @@ def learn_together(together: Together, learners: list[Learner], prompts, groups,
     for epoch in range(mus.pop() if mus else 0):
         for k in going:
             learners[k].opt.zero_grad(set_to_none=True)
-        logps = together.logprobs([slots[k] for k in going], [prompts[k] for k in going],
-                                  [prepared[k].ids for k in going])
-        losses = [prepared[k].loss_fn(lp, **prepared[k].epoch_rows()) for k, lp in zip(going, logps)]
-        torch.stack(losses).sum().backward()
-        going = [k for k, lp, loss in zip(going, logps, losses)  # a non-finite update stops that problem's epochs
-                 if learners[k].update(prepared[k], lp.detach(), loss.detach(), epoch)]
+        done = together.backward([slots[k] for k in going], [prompts[k] for k in going], [prepared[k] for k in going])
+        going = [k for k, (lp, loss) in zip(going, done)  # a non-finite update stops that problem's epochs
+                 if learners[k].update(prepared[k], lp, loss, epoch)]
     return [learner.finish(g) if k in trained else g.stats for k, (learner, g) in enumerate(zip(learners, prepared))]
 
 

@@ -49,15 +49,17 @@ def test_problem_models_share_the_base_and_draw_their_adapter_as_a_run_alone():
                            b.model.layers[0].self_attn.q_proj.lora_A.weight)
 
 
-def sample_both(base, tok, models, prompts, counts, max_new, stop_ids, temperature=1.0):
-    """Each problem's samples alone (its own model) and together (one batch), from its own generator seed."""
+def sample_both(base, tok, models, prompts, counts, max_new, stop_ids, temperature=1.0, fast=False):
+    """Each problem's samples alone (its own model) and together (one batch), from its own generator seed; fast:
+    through fast/together.py's step (prefixes once per problem, batched adapter products, blocked draw)."""
+    from fast.together import FastTogether, FastTogetherStep
     alone = [Sampler(m, tok).generate(p, n=c, max_new_tokens=max_new, stop_ids=stop_ids, temperature=temperature,
                                       generator=torch.Generator().manual_seed(100 + k))
              for k, (m, p, c) in enumerate(zip(models, prompts, counts))]
-    together = Together(base, len(models), TARGETS)
+    together = (FastTogether if fast else Together)(base, len(models), TARGETS)
     for k, m in enumerate(models):
         together.put(k, m)
-    step = TogetherStep(together)
+    step = (FastTogetherStep if fast else TogetherStep)(together)
     step.prompt_slots = [k for k, p in enumerate(prompts) for _ in p]
     gens = [torch.Generator().manual_seed(100 + k) for k in range(len(models))]
     outs = Sampler(together.model, tok, step).generate(
@@ -70,13 +72,17 @@ def sample_both(base, tok, models, prompts, counts, max_new, stop_ids, temperatu
     return alone, split
 
 
-def test_sampled_together_each_problem_draws_what_it_draws_alone(tiny):
+@pytest.mark.parametrize("fast", [False, True])
+def test_sampled_together_each_problem_draws_what_it_draws_alone(tiny, fast):
     base, tok = tiny
     models = problems(base, [0, 1, 2])
-    prompts = [[tok.encode("hello"), tok.encode("a longer second prompt")], [tok.encode("other problem")],
-               [tok.encode("x"), tok.encode("y y"), tok.encode("the third one, longest of all the prompts")]]
+    # Problems 0 and 2 have prompts that share a prefix (of different lengths), problem 1 a single prompt.
+    prompts = [[tok.encode("hello"), tok.encode("hello, a longer second prompt")], [tok.encode("other problem")],
+               [tok.encode("the same words first, x"), tok.encode("the same words first, y y"),
+                tok.encode("the same words first, then the third one, longest of all the prompts")]]
     counts = [[3, 2], [4], [1, 2, 2]]
-    alone, together = sample_both(base, tok, models, prompts, counts, 30, stop_ids=list(range(0, 259, 29)))
+    alone, together = sample_both(base, tok, models, prompts, counts, 30, stop_ids=list(range(0, 259, 29)),
+                                  fast=fast)
     assert any(o.stop_reason == "stop_token" for a in alone for o in a), "rows stop early: the batch shrinks"
     for a, t in zip(alone, together):
         assert [o.ids for o in a] == [o.ids for o in t]
@@ -308,3 +314,43 @@ def test_together_refuses_a_single_problem_and_settings_it_cannot_share(tmp_path
     r = cli("--task", "toy", "--model", "tiny", "--task-ids", "migrate,search", "--together", "2",
             "--sample-weights", "int8", "--out", str(tmp_path / "b"))
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.strip().startswith("error:"), r.stderr
+
+
+@pytest.mark.parametrize("tokens,checkpointing", [(4096, False), (12, True)])
+def test_fast_together_pass_gives_each_problem_the_plain_pass_log_probs_loss_and_gradient(tiny, tokens,
+                                                                                          checkpointing):
+    """fast/together.py (each prompt once, rows of several problems in one micro-batch, prompts of different
+    lengths left-padded) against the plain pass (every member's prompt): the same per-problem log-probs, losses
+    and adapter gradients. tokens=12 cuts the rows into several micro-batches, some with one problem's rows."""
+    from fast.together import FastTogether
+    base, tok = tiny
+    cfgs = [GRPOConfig(lr=1e-2, mu=2), GRPOConfig(lr=1e-2, mu=2, kl_coef=0.1), GRPOConfig(lr=1e-2, mu=2)]
+    prompts = [tok.encode("first problem's prompt, the longest of the three"), tok.encode("the second"),
+               tok.encode("a third prompt")]
+    groups = [group(tok, [0.2, 0.9, 0.5, 0.1], ["abc", "defgh", "x", "hello"]),
+              group(tok, [1.0, 0.0, 0.3], ["a much longer completion here", "q", "zz"]),
+              group(tok, [0.4, 0.6], ["", "two words"])]  # an empty completion: only its EOS is a target
+    got = []
+    for together in (Together(base, 3, TARGETS),
+                     FastTogether(base, 3, TARGETS, tokens_per_microbatch=tokens, activation_checkpointing=checkpointing)):
+        models = problems(base, [3, 4, 5])
+        for k, m in enumerate(models):
+            together.put(k, m)
+        learners = [Learner(m, c) for m, c in zip(models, cfgs)]
+        prepared = [l.prepare(p, g) for l, p, g in zip(learners, prompts, groups)]
+        for m in models:
+            m.train()
+        slots = [2, 0, 1]  # slots need not follow the problems' order
+        for k, m in enumerate(models):
+            together.put(slots[k], m)
+        done = together.backward(slots, prompts, prepared)
+        got.append((done, [grads(m) for m in models], prepared))
+    (plain, plain_grads, prepared), (fast, fast_grads, _) = got
+    for (lp, loss), (flp, floss), g in zip(plain, fast, prepared):
+        mask = g.per_row["mask"]
+        assert torch.allclose(flp[mask], lp[mask], atol=1e-5), (flp[mask] - lp[mask]).abs().max()
+        assert abs(float(floss) - float(loss)) < 1e-5, (float(floss), float(loss))
+    for want, have in zip(plain_grads, fast_grads):
+        assert set(want) == set(have) and want
+        for n in want:
+            assert torch.allclose(have[n], want[n], atol=1e-5, rtol=1e-4), (n, (have[n] - want[n]).abs().max())

@@ -102,6 +102,15 @@ def target_logprobs(model, h, targets):
     return -F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
 
 
+def completion_states(model, prompt_ids: list[int], ids: torch.Tensor) -> torch.Tensor:
+    """The hidden states (N, T, C) before each token of the completions ids (N, T) of one prompt, plainly: the
+    prompt and each completion through the model (a row's padding comes after its end, so causal attention keeps
+    it out)."""
+    N, Tp = ids.shape[0], len(prompt_ids)
+    x = torch.cat([torch.tensor(prompt_ids, device=ids.device).expand(N, Tp), ids], dim=1)  # (N, Tp + T)
+    return model.hidden_states(x[:, :-1])[:, Tp - 1:]
+
+
 def length_mask(lengths: torch.Tensor, T: int) -> torch.Tensor:
     """(N,) lengths -> (N, T) bool, True on real tokens. From lengths, never from token ids (rule 7)."""
     return torch.arange(T, device=lengths.device)[None, :] < lengths[:, None]
@@ -199,10 +208,11 @@ class Learner:
                 break
         return self.finish(group)
 
-    def prepare(self, prompt_ids: list[int], members: list[Rollout]) -> "Group":
+    def prepare(self, prompt_ids: list[int], members: list[Rollout], reference=True) -> "Group":
         """What an update on this group needs: advantages relative to the whole group, the members that train (as
         completions of the task prompt, whatever prompt each was sampled under), their padded ids, the reference
-        log-probs and the loss. `stats["skipped"]` says why there is nothing to train."""
+        log-probs (with reference=False left for the caller to put in per_row["ref_logp"]: together.py takes
+        several problems' at once) and the loss. `stats["skipped"]` says why there is nothing to train."""
         cfg = self.cfg
         rewards = torch.tensor([m.reward for m in members], dtype=torch.float32)
         adv = group_advantages(rewards, cfg.scale_std)
@@ -219,7 +229,7 @@ class Learner:
         ids, lengths = pad([m.ids for m in rows], dev)  # (N, T), (N,)
         mask = length_mask(lengths, ids.shape[1]).to(dev)
         gen, is_ns = self._behaviour_logprobs(rows, ids.shape[1], dev)
-        ref = self.base_logprobs(prompt_ids, ids, lengths) if cfg.kl_coef > 0 else None
+        ref = self.base_logprobs(prompt_ids, ids, lengths) if cfg.kl_coef > 0 and reference else None
         per_row = dict(mask=mask, adv=adv[keep].to(dev), gen_logp=gen, is_ns=is_ns, ref_logp=ref)
         # n_seqs: the whole group, as the reference (a masked zero-reward member adds 0 but counts)
         loss_fn = partial(grpo_loss, cfg=cfg, n_seqs=len(members), n_tokens=int(mask.sum()))
@@ -257,11 +267,8 @@ class Learner:
         and completion through the model (a row's padding comes after its end, so causal attention keeps it out).
         `head(rows, h, x)` may replace them by another (rows, T) statistic of the hidden states h (rows, T, C)
         before the targets x (rows, T) (diagnostics.py)."""
-        N, Tp = ids.shape[0], len(prompt_ids)
-        prompt = torch.tensor(prompt_ids, device=ids.device).expand(N, Tp)
-        x = torch.cat([prompt, ids], dim=1)  # (N, Tp + T)
-        h = self.model.hidden_states(x[:, :-1])[:, Tp - 1:]  # (N, T, C): the state before each completion token
-        return head(slice(0, N), h, ids) if head else target_logprobs(self.model, h, ids)
+        h = completion_states(self.model, prompt_ids, ids)
+        return head(slice(0, ids.shape[0]), h, ids) if head else target_logprobs(self.model, h, ids)
 
     @torch.no_grad()
     def base_logprobs(self, prompt_ids, ids, lengths, head=None) -> torch.Tensor:

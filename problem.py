@@ -89,6 +89,7 @@ class Shared:
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg["dtype"]]
         self.base, self.tok = load_model(model_path(cfg["model"]), device=cfg["device"], dtype=dtype)
         # together.Together, its learner pass with each problem's prompt run once
+        use_fast_linear(self.base)  # its reference passes (the KL pull's), as the learner alone
         self.together = FastTogether(self.base, slots, tuple(cfg["lora_targets"]),
                                      activation_checkpointing=cfg.get("activation_checkpointing", False),
                                      learner_dtype=cfg.get("learner_dtype", "float32"))

@@ -21,7 +21,7 @@ from dataclasses import replace
 import torch
 import torch.nn as nn
 
-from grpo import Group, Learner, target_logprobs
+from grpo import Group, Learner, completion_states, target_logprobs
 from lora import LoRALinear, inject_lora, lora_modules
 from sampling import KVCache, ModelStep
 
@@ -84,7 +84,7 @@ class Together:
 
     def __init__(self, base, slots: int, targets):
         assert slots >= 1, f"{slots} slots"
-        self.rows, self.slots = Rows(), slots
+        self.base, self.rows, self.slots = base, Rows(), slots
         self.model = copy.deepcopy(base, _shared(base))
         self.layers = {}
         for name, module in list(self.model.named_modules()):
@@ -132,6 +132,13 @@ class Together:
             at += t.shape[0]
         return out
 
+    @torch.no_grad()
+    def reference(self, prompts: list[list[int]], groups: list[Group]) -> list[torch.Tensor]:
+        """The groups' log-probs (N_i, T_i) under the base policy (the KL pull's reference), prompts their task
+        prompts: plainly, each through the base model, which has no adapter."""
+        return [target_logprobs(self.base, completion_states(self.base, p, g.ids), g.ids)
+                for p, g in zip(prompts, groups)]
+
     def backward(self, slots: list[int], prompts: list[list[int]], groups: list[Group]) -> list[tuple]:
         """One epoch's pass for the groups (grpo.Group, prepared) of the problems in slots, prompts their task
         prompts: the sum of their losses backpropagated. Returns each group's log-probs (N_i, T_i) and loss, both
@@ -148,8 +155,12 @@ def learn_together(together: Together, learners: list[Learner], prompts, groups,
     losses, each of which reaches only its own adapter; then each learner's own clip and AdamW step, as
     `Learner.step` takes them alone. Returns each problem's statistics."""
     slots = list(range(len(learners))) if slots is None else slots
-    prepared = [learner.prepare(p, members) for learner, p, members in zip(learners, prompts, groups)]
+    prepared = [learner.prepare(p, members, reference=False) for learner, p, members in zip(learners, prompts, groups)]
     going = [k for k, g in enumerate(prepared) if not g.stats["skipped"]]
+    pulled = [k for k in going if learners[k].cfg.kl_coef > 0]  # their references, in one pass
+    for k, ref in zip(pulled, together.reference([prompts[k] for k in pulled], [prepared[k] for k in pulled])
+                      if pulled else []):
+        prepared[k].per_row["ref_logp"] = ref
     mus = {learners[k].cfg.mu for k in going}
     assert len(mus) <= 1, f"problems trained together share mu, not {sorted(mus)}"
     trained = set(going)

@@ -354,3 +354,12 @@ def test_fast_together_pass_gives_each_problem_the_plain_pass_log_probs_loss_and
         assert set(want) == set(have) and want
         for n in want:
             assert torch.allclose(have[n], want[n], atol=1e-5, rtol=1e-4), (n, (have[n] - want[n]).abs().max())
+    # The KL pull's reference, every problem's rows through the base at once (a prompt given twice, its base
+    # pass made once and reused on the second call), against the plain one, each problem through the base alone.
+    fast_together = FastTogether(base, 3, TARGETS, tokens_per_microbatch=tokens)
+    twice = prompts + prompts[:1]
+    want = Together(base, 3, TARGETS).reference(twice, prepared + prepared[:1])
+    for _ in range(2):
+        for w, have, g in zip(want, fast_together.reference(twice, prepared + prepared[:1]), prepared + prepared[:1]):
+            mask = g.per_row["mask"]
+            assert torch.allclose(have[mask], w[mask], atol=1e-5), (have[mask] - w[mask]).abs().max()

@@ -128,20 +128,28 @@ class DoesNotFit(Exception):
 
 def plan_memory(cfg, *, prompt_tokens: int, rows: int, max_new_tokens: int, lora_r: int, trains: bool,
                 copies_bytes: int, available: int | None = None, checkpointing: bool = False,
-                tokens_per_microbatch: int = 4096, dtype_bytes: int = 4, lora_modules: int = 2) -> MemoryPlan:
+                tokens_per_microbatch: int = 4096, dtype_bytes: int = 4, lora_modules: int = 2,
+                problems: int = 1) -> MemoryPlan:
     """The plan for a model config `cfg` (model.ModelConfig) searching with `rows` completions a step of at most
     `max_new_tokens` after a prompt of `prompt_tokens`; `copies_bytes` the decode copies it would like (0: none).
     The copies are kept throughout if that fits, else (or first, when they outweigh the learner's memory) freed while
     the learner runs and rebuilt for each group's sampling, else not made (decoding through the modules is slower),
     and then the learner keeps less (smaller micro-batches, layers recomputed); if even that does not fit,
-    DoesNotFit."""
+    DoesNotFit. `problems` > 1: that many searches together over the one model (together.py), each with its
+    prompt, rows, adapter and optimiser, prefilled and learned in one pass, no decode copies, each row's cache
+    holding its whole prompt."""
     from fast.shared_prompt import LOGITS_BYTES
     available = available_memory() if available is None else available
     f, L, C = dtype_bytes, cfg.num_hidden_layers, cfg.hidden_size
     kv_token = L * 2 * cfg.num_key_value_heads * cfg.head_dim * f  # keys and values of one token, every layer
     layer_work = (3 * cfg.intermediate_size + 6 * C) * f  # one layer's transient activations, a token
     Tp, own = prompt_tokens, 2 * max_new_tokens + 128  # a row's own tokens: an NS prompt's program, its answer
-    sampling = Tp * layer_work + 3 * rows * cfg.vocab_size * 4  # a prefill's layer; logits, sampling copy, exp
+    K = problems
+    if K > 1:  # every problem's rows hold their whole prompt (no prefix row is shared across adapters)
+        own, copies_bytes = own + Tp, 0
+        # a micro-batch need not exceed every problem's completions at once
+        tokens_per_microbatch = min(tokens_per_microbatch, K * rows * (max_new_tokens + 1))
+    sampling = K * Tp * layer_work + 3 * K * rows * cfg.vocab_size * 4  # a prefill's layer; logits, sampling copy, exp
     act = activation_bytes(cfg, lora_r)
     fixed = LOGITS_COPIES * LOGITS_BYTES  # a chunk of logits: float32 whatever the model's dtype
 
@@ -149,13 +157,14 @@ def plan_memory(cfg, *, prompt_tokens: int, rows: int, max_new_tokens: int, lora
         """(bytes, checkpointing, micro-batch tokens) with at most `bound` of activations kept for backward."""
         if not trains:
             return 0, False, tokens_per_microbatch
-        if checkpointing or Tp * L * act > bound:  # each layer's input kept; one layer recomputed at a time
+        P = K * Tp  # the prompts' tokens, in one pass
+        if checkpointing or P * L * act > bound:  # each layer's input kept; one layer recomputed at a time
             mb = min(tokens_per_microbatch, max(64, bound // (L * C * f)))
-            return ((Tp + mb) * L * C * f + max(Tp, mb) * act + 2 * Tp * kv_token
-                    + rows * Tp * kv_token // L + fixed), True, mb
+            return ((P + mb) * L * C * f + max(P, mb) * act + 2 * P * kv_token
+                    + K * rows * Tp * kv_token // L + fixed), True, mb
         # every activation kept: the micro-batch gets what the prompt leaves of the bound
-        mb = min(tokens_per_microbatch, max(64, (bound - Tp * L * act) // (L * act)))
-        return (Tp + mb) * L * act + 2 * Tp * kv_token + rows * Tp * kv_token + fixed, False, mb
+        mb = min(tokens_per_microbatch, max(64, (bound - P * L * act) // (L * act)))
+        return (P + mb) * L * act + 2 * P * kv_token + K * rows * Tp * kv_token + fixed, False, mb
 
     weights = count_parameters(cfg) * f
     if not cfg.tie_word_embeddings and f == 4:  # float32: the input embedding is read a row at a time from the
@@ -164,9 +173,10 @@ def plan_memory(cfg, *, prompt_tokens: int, rows: int, max_new_tokens: int, lora
     # gradients and AdamW moments (4 x 4 bytes a parameter; `lora_modules` adapted products a layer, ~C wide);
     # the base policy's prompt pass, kept for the run; and, with kept copies, the adapted products' old copies while
     # their new ones are built after each update.
-    resident = Tp * kv_token + rows * own * kv_token
+    prompt_row = Tp if K == 1 else 0  # alone, the prompt's keys and values: one row every sample reads
+    resident = K * (prompt_row + rows * own) * kv_token
     if trains:
-        resident += 16 * L * lora_modules * lora_r * 2 * C + Tp * kv_token
+        resident += K * (16 * L * lora_modules * lora_r * 2 * C + Tp * kv_token)
     rebuilt = L * (C + 2 * cfg.num_key_value_heads * cfg.head_dim + cfg.num_attention_heads * cfg.head_dim) * C * f
     # Copies kept through learning; freed while the learner runs (first, when they outweigh what it needs: the peak is
     # then the larger of the two, not their sum, for one rebuild a step); not made; then smaller micro-batches,
@@ -174,6 +184,8 @@ def plan_memory(cfg, *, prompt_tokens: int, rows: int, max_new_tokens: int, lora
     big = trains and copies_bytes > learner(ACTIVATIONS_MAX)[0]
     options = ([(copies_bytes, False, ACTIVATIONS_MAX)] if big else
                [(copies_bytes, True, ACTIVATIONS_MAX), (copies_bytes, False, ACTIVATIONS_MAX)]) if copies_bytes else []
+    # K problems' prompts are K times one's: first try keeping them all (the recomputing is slower), if that fits
+    options += [(0, False, ACTIVATIONS_MAX * K)] if K > 1 else []
     options += [(0, False, ACTIVATIONS_MAX >> k) for k in range(6)]
     for copies, keep, bound in options:
         learning, ckpt, mb = learner(bound)
@@ -185,11 +197,12 @@ def plan_memory(cfg, *, prompt_tokens: int, rows: int, max_new_tokens: int, lora
 
 
 def plan_run(cfg: dict, task, trains: bool, prompt_tokens: int | None = None,
-             available: int | None = None) -> MemoryPlan | None:
+             available: int | None = None, problems: int = 1) -> MemoryPlan | None:
     """The memory plan of the run config.json `cfg` describes, on a CPU (None on a GPU, or for a model folder without
     config.json). Before the model is fetched `prompt_tokens` is None and the prompt's characters stand in for its
     tokens (a digit is a token for Qwen's tokenizer; the tokenizers here merge more than that elsewhere). A run that
-    cannot fit raises DoesNotFit, its message naming an embedded model that fits."""
+    cannot fit raises DoesNotFit, its message naming an embedded model that fits. `problems`: that many such runs
+    together over one model (run.py --together)."""
     from weights.default_model import EMBEDDED, canonical, model_config
     from fast.packing import KERNELS, PACK_MIN
     mcfg = model_config(cfg["model"])
@@ -199,7 +212,7 @@ def plan_run(cfg: dict, task, trains: bool, prompt_tokens: int | None = None,
         available = available_memory() if cfg.get("memory") is None else \
             int(min(available_memory(), cfg["memory"] * 1e9))
     weights = cfg.get("sample_weights", "float32")
-    tokens = prompt_tokens or _prompt_tokens(cfg["model"], task)
+    tokens = prompt_tokens or task_prompt_tokens(cfg["model"], task)
 
     def plan_for(mc):
         per = KERNELS["mkl" if weights == "float32" else weights].bytes_per_weight
@@ -210,7 +223,7 @@ def plan_run(cfg: dict, task, trains: bool, prompt_tokens: int | None = None,
                            copies_bytes=products * per if wide and not cfg.get("compile") else 0,
                            available=available, checkpointing=cfg.get("activation_checkpointing", False),
                            dtype_bytes=2 if cfg["dtype"] == "bfloat16" else 4,
-                           lora_modules=len(cfg.get("lora_targets", LORA_TARGETS)))
+                           lora_modules=len(cfg.get("lora_targets", LORA_TARGETS)), problems=problems)
     try:
         return plan_for(mcfg)
     except DoesNotFit as e:
@@ -229,7 +242,7 @@ def plan_run(cfg: dict, task, trains: bool, prompt_tokens: int | None = None,
                          + (" or ".join(fits) if fits else "no embedded model fits")) from None
 
 
-def _prompt_tokens(model, task) -> int:
+def task_prompt_tokens(model, task) -> int:
     """The task prompt's tokens, counted with the model's tokenizer where its folder is here; before a fetch, its
     characters (a digit is a token for Qwen's tokenizer; elsewhere the tokenizers here merge several characters)."""
     from weights.default_model import EMBEDDED, cache_dir, canonical, is_embedded

@@ -79,7 +79,7 @@ class Shared:
     """What problems run together share: the base model and tokenizer, the Together model over it and the sampler
     that decodes every problem's rows in one batch (together.py)."""
 
-    def __init__(self, cfg, slots: int):
+    def __init__(self, cfg, slots: int, plan=None):
         import torch
         from fast.cpu_linear import use_fast_linear
         from model import load_model
@@ -90,8 +90,11 @@ class Shared:
         self.base, self.tok = load_model(model_path(cfg["model"]), device=cfg["device"], dtype=dtype)
         # together.Together, its learner pass with each problem's prompt run once
         use_fast_linear(self.base)  # its reference passes (the KL pull's), as the learner alone
+        # (plan: plan.plan_run's for the K problems, which may ask for layers recomputed, smaller micro-batches)
         self.together = FastTogether(self.base, slots, tuple(cfg["lora_targets"]),
-                                     activation_checkpointing=cfg.get("activation_checkpointing", False),
+                                     tokens_per_microbatch=plan.tokens_per_microbatch if plan else 4096,
+                                     activation_checkpointing=cfg.get("activation_checkpointing", False) or
+                                     bool(plan and plan.checkpointing),
                                      learner_dtype=cfg.get("learner_dtype", "float32"))
         use_fast_linear(self.together.model)  # as a run alone: the products through the measured fastest library
         self.sampler = Sampler(self.together.model, self.tok, FastTogetherStep(self.together))
@@ -211,9 +214,6 @@ class Problem:
         from grpo import GRPOConfig
         from together import problem_model
         cfg = self.cfg
-        if cfg.get("sample_weights", "float32") != "float32" or cfg.get("compile"):
-            raise UsageError("problems run together decode through the model's own modules: drop --sample-weights "
-                             "and --compile")
         self.tok, self.sampler, self.learner = shared.tok, shared.sampler, None
         self.model = use_fast_linear(problem_model(shared.base, cfg["seed"], cfg["lora_r"], cfg["lora_alpha"],
                                                    tuple(cfg["lora_targets"]), cfg["lora_dropout"]))

@@ -220,7 +220,8 @@ class Sampler:
         device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
         shared = step.prefix_length(prompts, sum(counts))
         own = step.row_prefixes([p[shared:] for p in prompts])  # tokens each row holds before its rest
-        rest = [p[shared + o:] for p, o in zip(prompts, own)]  # each at least one token: its last position yields the logits
+        # each rest at least one token: its last position yields the logits
+        rest = [p[shared + o:] for p, o in zip(prompts, own)]
         Tp = max(len(r) for r in rest)
         pad = torch.tensor([Tp - len(r) for r in rest], device=device)  # left padding per prompt
         ids = torch.full((P, Tp), self.tok.pad_id, dtype=torch.long)

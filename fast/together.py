@@ -177,7 +177,8 @@ class FastTogether(Together):
         Tp, real, pad = shape
         train = states[0].requires_grad
         n_layers = (len(states) - 1) // 2
-        last_h, keys, values = states[0], dict(enumerate(states[1:1 + n_layers])), dict(enumerate(states[1 + n_layers:]))
+        last_h = states[0]  # (K, 1, C)
+        keys, values = dict(enumerate(states[1:1 + n_layers])), dict(enumerate(states[1 + n_layers:]))
         rows = sorted((int(n), i, r) for i, g in enumerate(groups) for r, n in enumerate(g.lengths.tolist()))
         out = [torch.zeros(g.ids.shape, device=dev) for g in groups]
         totals = [torch.zeros(()) for _ in groups]

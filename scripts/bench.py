@@ -477,7 +477,68 @@ def bench_gpu(args):
                                 "grpo_arc_peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
         del model, hf, learner
         torch.cuda.empty_cache()
+        out["models"][cname]["together"] = together_steps(cfg, dev, dt, args.together)
     return out
+
+
+def together_steps(cfg, device, dtype, ks, prompt_len=1024, group=16, new_tokens=128, r=64):
+    """K problems' steps over one base model (together.py), on random weights of cfg's shape: each problem a prompt
+    of its own (prompt_len random tokens), `group` samples of `new_tokens`, then the K groups learned in one pass
+    (mu 1, each with its own adapter and AdamW). Per K: seconds of a joint step (sampling, learning) after one
+    warm-up step, problem-steps per second and its ratio to K = 1, and the peak memory on a GPU."""
+    from fast.together import FastTogether, FastTogetherStep
+    from fast.shared_prompt import SharedPromptLearner
+    from grpo import GRPOConfig
+    from model import build_model
+    from together import learn_together, problem_model
+    cuda = torch.device(device).type == "cuda"
+    base = build_model(cfg, device=device, dtype=dtype, seed=0).eval()
+    tok, rows = _RandomTokens(cfg["vocab_size"]), []
+    g = torch.Generator().manual_seed(1)
+    for k in ks:
+        together = FastTogether(base, k, ("q_proj", "v_proj"))
+        models = [problem_model(base, s, r, 2 * r, ("q_proj", "v_proj")) for s in range(k)]
+        for s, m in enumerate(models):
+            with torch.no_grad():  # adapters that differ, as after some training (B = 0 changes nothing)
+                for n, p in m.named_parameters():
+                    if "lora_B" in n:
+                        p.normal_(0, 1e-3, generator=torch.Generator(device).manual_seed(s))
+            together.put(s, m)
+        learners = [SharedPromptLearner(m, GRPOConfig(lr=1e-5, mu=1)) for m in models]
+        step = FastTogetherStep(together)
+        sampler = Sampler(together.model, tok, step)
+        prompts = [torch.randint(0, cfg["vocab_size"], (prompt_len,), generator=g).tolist() for _ in range(k)]
+        times = []
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        for _ in range(2):  # the first is the warm-up
+            t = time.perf_counter()
+            step.prompt_slots = list(range(k))
+            outs = sampler.generate(prompts, n=group, max_new_tokens=new_tokens, stop_ids=(),
+                                    generator=[torch.Generator().manual_seed(s) for s in range(k)])
+            if cuda:
+                torch.cuda.synchronize()
+            sampled = time.perf_counter()
+            groups = [[replace(o, reward=i / group) for i, o in enumerate(outs[s * group:(s + 1) * group])]
+                      for s in range(k)]
+            learn_together(together, learners, prompts, groups)
+            if cuda:
+                torch.cuda.synchronize()
+            times.append((sampled - t, time.perf_counter() - sampled))
+        sample_s, learn_s = times[-1]
+        row = {"together": k, "step_s": round(sample_s + learn_s, 3), "sample_s": round(sample_s, 3),
+               "learn_s": round(learn_s, 3), "problem_steps_per_s": round(k / (sample_s + learn_s), 3)}
+        if cuda:
+            row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+        del together, models, learners, step, sampler
+        if cuda:
+            torch.cuda.empty_cache()
+    one = next((r["problem_steps_per_s"] for r in rows if r["together"] == 1), None)
+    for row in rows:
+        row["ratio_to_one"] = round(row["problem_steps_per_s"] / one, 2) if one else None
+    return rows
 
 
 class _RandomTokens:
@@ -509,7 +570,8 @@ def main():
     ap.add_argument("--budget", type=int, default=80,
                     help="oracle calls of the measured run (step: 20 of them warm start; together: each problem's)")
     ap.add_argument("--together", type=int, nargs="+", default=[1, 2, 4, 8, 16],
-                    help="together: problems at a time (1: one after another, each alone)")
+                    help="together: problems at a time (1: one after another, each alone); gpu: the K of its sweep "
+                         "of joint steps")
     ap.add_argument("--problems", type=int, default=16, help="together: how many problems (at most 18)")
     ap.add_argument("--task", default="semantle", help="together: the task (semantle; toy for a quick check)")
     ap.add_argument("--kl-coefs", type=float, nargs="+", default=[0.0, 0.1], help="KL coefficients to run (step)")

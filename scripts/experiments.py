@@ -87,6 +87,9 @@ def main():
                          "else already uses some of them)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count(),
                     help="runs in parallel; the cores are shared out among them")
+    ap.add_argument("--together", type=int, default=None, metavar="K",
+                    help="run the grid in this one process, K runs at a time over one model (run.py --together): a "
+                         "finished run's slot takes the next; --jobs and --threads do not apply")
     ap.add_argument("--out", required=True, help="experiment folder")
     ap.add_argument("--report-only", action="store_true", help="only aggregate the runs already finished")
     ap.add_argument("--against", nargs="*", default=["random", "grpo"],
@@ -110,6 +113,8 @@ def main():
         ap.error(f"--threads must be at least 1, not {args.threads}")
     if args.jobs < 1:
         ap.error(f"--jobs must be at least 1, not {args.jobs}")
+    if args.together is not None and args.together < 1:
+        ap.error(f"--together must be at least 1, not {args.together}")
     if args.budget is not None and args.budget < 1:  # 0 once meant "the preset's budget" without a word
         ap.error(f"--budget must be at least 1, not {args.budget}")
     if not args.report_only:  # in a report, --methods are labels (e.g. migrate-kl0.1), not only methods
@@ -139,6 +144,10 @@ def main():
         if changed:
             print(f"error: {changed}", file=sys.stderr)
             return 2
+        if args.together:
+            failed = serve_together(args, jobs)
+            write_report(args, specs)
+            return 2 if failed else 0
         parallel = max(1, min(args.jobs, len(jobs)))
         threads = args.threads or max(1, (os.cpu_count() or 1) // parallel)
         if parallel > 1 and "--memory" not in extra:  # each run plans its memory: share what the machine has
@@ -219,6 +228,25 @@ def _norm(key, value):
     if key == "model":
         return canonical(value)
     return list(value) if isinstance(value, tuple) else value
+
+
+def serve_together(args, jobs) -> bool:
+    """The grid's runs in this process, --together K at a time over one model (run.serve), each in its own folder
+    as a run alone would be. True if a run's flags were refused (said in one line)."""
+    from model import ModelError
+    from problem import UsageError
+    from run import serve
+    os.chdir(HERE)  # run folders are named relative to the project, as launch() names them
+    runs = [run_parser().parse_args(a + ["--out", folder if os.path.relpath(folder, HERE).startswith("..")
+                                         else os.path.relpath(folder, HERE)]) for folder, a in jobs]
+    print(f"{len(jobs)} runs, {args.together} at a time in this process over one model, in {args.out}",
+          file=sys.stderr)
+    try:
+        serve(runs, args.together)
+    except (UsageError, TaskError, ModelError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return True
+    return False
 
 
 def write_report(args, specs):

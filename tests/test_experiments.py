@@ -337,3 +337,21 @@ def test_a_label_keeps_its_meaning_when_a_default_changes(done):
                         "--kl-coef", "0.2"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((out / "runs" / "toy-cat-grpo-kl0.2-s2" / "config.json").read_text())["kl_coef"] == 0.2
+
+
+def test_the_grid_served_together_in_one_process_finds_what_separate_runs_find(done, tmp_path):
+    """--together 3: the eight runs in the harness's own process, three at a time over one model (a finished run's
+    slot takes the next; random and grpo runs side by side), each in its own folder, finding what each found in a
+    process of its own; the same command again skips them all."""
+    out, _ = done
+    r = harness(tmp_path, "--together", "3")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "8 runs, 3 at a time in this process" in r.stderr
+    alone, together = summaries(out), summaries(tmp_path)  # `done` may hold other tests' runs besides the grid's
+    assert len(together) == 8 and set(together) <= set(alone), sorted(together)
+    for name, t in together.items():
+        s = alone[name]
+        assert (t["oracle_calls"], t["best_reward"], t["best_candidate"]) == \
+            (s["oracle_calls"], s["best_reward"], s["best_candidate"]), name
+    again = harness(tmp_path, "--together", "3")
+    assert again.returncode == 0 and summaries(tmp_path) == together, again.stderr[-2000:]

@@ -3,6 +3,7 @@
 fits, and the time it takes estimated before its first step. The real command line, in its own process."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -146,6 +147,30 @@ def test_a_run_that_cannot_fit_is_refused_in_one_line_naming_a_model_that_fits(t
     assert not os.path.exists(cache) or not os.listdir(cache), "refused before anything was fetched"
     r = cli("--task", "arc", "--task-id", "6150a2bd", "--memory", "0.5", "--out", out, cache=cache)
     assert r.returncode == 2 and "no embedded model fits" in r.stderr, r.stderr[-1500:]
+
+
+def test_problems_run_together_are_planned_and_too_many_are_refused_naming_how_many_fit(tmp_path):
+    # Semantle's shapes with SmolLM2: K problems' cache rows (each holding its whole prompt), adapters, optimisers
+    # and prompts in one learner pass; no decode copies; the prompts' activations kept while memory allows.
+    smol = model_config("smollm2-135m")
+    kw = dict(prompt_tokens=110, rows=5, max_new_tokens=24, lora_r=64, trains=True, copies_bytes=GB)
+    plans = {k: plan.plan_memory(smol, problems=k, available=100 * GB, **kw) for k in (1, 2, 8, 16)}
+    assert plans[1].copies == GB and all(plans[k].copies == 0 for k in (2, 8, 16))
+    assert plans[16].resident > plans[8].resident > plans[2].resident and plans[16].peak > plans[8].peak
+    assert not plans[16].checkpointing, "on a machine with room, many problems' prompts are kept, not recomputed"
+    tight = plan.plan_memory(smol, problems=16, available=plans[16].peak - GB // 2, **kw)
+    assert tight.peak <= plans[16].peak - GB // 2 and tight.checkpointing
+    # The command line: refused before anything is written, naming the number of problems at a time that fits.
+    cache, out = str(tmp_path / "cache"), str(tmp_path / "runs")
+    r = cli("--task", "semantle", "--task-ids", "apple,river,chair,cloud", "--together", "4", "--memory", "2.3",
+            "--out", out, cache=cache)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr[-1500:]
+    m = re.fullmatch(r"error: --together 4 needs about [\d.]+ GB of memory and 2\.3 GB are available; --together "
+                     r"(\d) fits", lines[0])
+    assert m and 1 <= int(m.group(1)) < 4, lines[0]
+    assert not os.path.exists(out) or not any(os.path.exists(os.path.join(out, d, "config.json"))
+                                              for d in os.listdir(out)), "refused before any run was written"
 
 
 # ---------------------------------------------------------------- time

@@ -332,7 +332,8 @@ def test_fast_together_pass_gives_each_problem_the_plain_pass_log_probs_loss_and
               group(tok, [0.4, 0.6], ["", "two words"])]  # an empty completion: only its EOS is a target
     got = []
     for together in (Together(base, 3, TARGETS),
-                     FastTogether(base, 3, TARGETS, tokens_per_microbatch=tokens, activation_checkpointing=checkpointing)):
+                     FastTogether(base, 3, TARGETS, tokens_per_microbatch=tokens,
+                                  activation_checkpointing=checkpointing)):
         models = problems(base, [3, 4, 5])
         for k, m in enumerate(models):
             together.put(k, m)

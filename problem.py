@@ -75,19 +75,23 @@ def read_metrics(path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def load_base(cfg):
+    """The run's model and tokenizer (config.json's model, device and dtype), no adapter."""
+    import torch
+    from model import load_model
+    from weights.default_model import model_path
+    return load_model(model_path(cfg["model"]), device=cfg["device"], dtype=getattr(torch, cfg["dtype"]))
+
+
 class Shared:
     """What problems run together share: the base model and tokenizer, the Together model over it and the sampler
     that decodes every problem's rows in one batch (together.py)."""
 
     def __init__(self, cfg, slots: int, plan=None):
-        import torch
         from fast.cpu_linear import use_fast_linear
-        from model import load_model
         from sampling import Sampler
         from fast.together import FastTogether, FastTogetherStep
-        from weights.default_model import model_path
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg["dtype"]]
-        self.base, self.tok = load_model(model_path(cfg["model"]), device=cfg["device"], dtype=dtype)
+        self.base, self.tok = load_base(cfg)
         # together.Together, its learner pass with each problem's prompt run once
         use_fast_linear(self.base)  # its reference passes (the KL pull's), as the learner alone
         # (plan: plan.plan_run's for the K problems, which may ask for layers recomputed, smaller micro-batches)
@@ -178,14 +182,11 @@ class Problem:
         from fast.shared_prompt import SharedPromptLearner
         from grpo import GRPOConfig
         from lora import inject_lora
-        from model import load_model
         from plan import plan_run
         from sampling import Sampler
-        from weights.default_model import model_path
         cfg = self.cfg
         torch.manual_seed(cfg["seed"])  # LoRA's A matrices
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg["dtype"]]
-        self.model, self.tok = load_model(model_path(cfg["model"]), device=cfg["device"], dtype=dtype)
+        self.model, self.tok = load_base(cfg)
         self.learner = None
         if self.trains:
             inject_lora(self.model, cfg["lora_r"], cfg["lora_alpha"], tuple(cfg["lora_targets"]), cfg["lora_dropout"])

@@ -75,6 +75,16 @@ class KVCache(Cache):
         self.rows = n
 
 
+def left_padded(pad: torch.Tensor, S: int):
+    """Rows left-padded by pad (N,) to S slots: which slots are real (N, S), each slot's position (N, S) (a pad's
+    is 0), and which keys each query may attend to (N, S, S): causal over real tokens, and a pad query also sees
+    itself, so that no softmax row is empty (NaN)."""
+    s = torch.arange(S, device=pad.device)
+    real = s[None] >= pad[:, None]
+    allowed = (s[:, None] >= s[None, :]) & real[:, None, :] | torch.eye(S, dtype=torch.bool, device=pad.device)
+    return real, (s[None] - pad[:, None]).clamp(min=0), allowed
+
+
 def sampling_logits(logits, temperature, top_k, top_p):
     """Logits (B, V) -> logits of the sampling distribution (B, V): scaled, entries outside top-k/top-p -inf."""
     logits = logits.float()
@@ -236,13 +246,10 @@ class Sampler:
         if any(own):
             step.fill_row_prefixes(cache, [p[shared:shared + o] for p, o in zip(prompts, own)])
         L = cache.length  # slots before the rest: the rows' own prefixes (0 without)
-        slots = torch.arange(Tp, device=device)
-        real = slots[None] >= pad[:, None]  # (P, Tp)
+        real, positions, allowed = left_padded(pad, Tp)  # (P, Tp), (P, Tp), (P, Tp, Tp)
         cache.bias[:P, L:L + Tp].masked_fill_(real, 0.0)
         start = shared + torch.tensor(own, device=device)  # (P,) each rest's first position
-        positions = start[:, None] + (slots[None] - pad[:, None]).clamp(min=0)  # (P, Tp)
-        # Causal over real tokens; a pad query also sees itself so no softmax row is empty (NaN).
-        allowed = (slots[:, None] >= slots[None, :]) & real[:, None, :] | torch.eye(Tp, dtype=torch.bool, device=device)
+        positions = start[:, None] + positions
         mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
         mask = torch.cat([cache.bias[:P, None, :L].expand(P, Tp, L), mask], dim=2)  # (P, Tp, L + Tp)
         h = model.hidden_states(ids, positions=positions, cache=cache, attn_mask=mask[:, None])

@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from grpo import Group, Learner, completion_states, target_logprobs
 from lora import LoRALinear, inject_lora, lora_modules
-from sampling import KVCache, ModelStep
+from sampling import KVCache, ModelStep, left_padded
 
 
 def _shared(base) -> dict:
@@ -116,14 +116,9 @@ class Together:
                 pads.append(Tp - len(p))
         x = torch.tensor(rows, device=dev)[:, :-1]  # (N, Tp + T - 1): each position predicts the next token
         pad = torch.tensor(pads, device=dev)
-        S = x.shape[1]
-        s = torch.arange(S, device=dev)
-        real = s[None] >= pad[:, None]  # (N, S)
-        # Causal over real tokens; a pad query also sees itself so no softmax row is empty (NaN).
-        allowed = (s[:, None] >= s[None, :]) & real[:, None, :] | torch.eye(S, dtype=torch.bool, device=dev)
+        _, positions, allowed = left_padded(pad, x.shape[1])
         self.rows.set(tags)
-        h = self.model.hidden_states(x, positions=(s[None] - pad[:, None]).clamp(min=0),
-                                     attn_mask=allowed[:, None])[:, Tp - 1:]  # (N, T, C)
+        h = self.model.hidden_states(x, positions=positions, attn_mask=allowed[:, None])[:, Tp - 1:]  # (N, T, C)
         targets = torch.cat([torch.nn.functional.pad(t, (0, T - t.shape[1])) for t in ids])  # (N, T)
         logp = target_logprobs(self.model, h, targets)
         out, at = [], 0

@@ -6,10 +6,11 @@ Plainly (together.Together.backward), K problems' groups go through the shared m
 completion, every member's prompt computed again. Here, as fast/shared_prompt.py does for one problem:
 - the K prompts run once, one row each (left-padded to the longest), their keys/values kept with their graph;
 - every problem's completions go in micro-batches of similar length across problems, each row attending to its
-  own problem's prompt keys/values (gathered by row), the rows of a problem side by side so that each LoRA layer
-  adds one low-rank product per problem (together.RowsLoRA);
+  own problem's prompt keys/values (gathered by row), the rows of a problem side by side;
 - each micro-batch's losses (a problem's over its own rows) are backpropagated at once; the gradients reaching
-  the prompts' activations accumulate on detached copies, and the prompts' backward runs once at the end.
+  the prompts' activations accumulate on detached copies, and the prompts' backward runs once at the end;
+- the KL pull's reference (the base policy) takes every problem's rows through the base weights in one pass, the
+  base's prompt pass made once per prompt and kept.
 
 Sampling (FastTogetherStep). Plainly (together.TogetherStep) every prompt is prefilled whole, and each decode step's
 LoRA layers add K low-rank products, one per problem (2K small products a layer, each paying a call's overhead).
@@ -18,8 +19,8 @@ Here:
   line); it is prefilled once per problem, one row each, and copied to that problem's rows, which then prefill
   only the rest. (The shared-prefix row of fast/cascade.py cannot serve: each problem's adapter gives the same
   tokens other keys and values.)
-- with no graph, the LoRA layers multiply every problem's rows by its adapter in two batched products over the
-  adapters stacked once per sampling call (BatchedRowsLoRA), rows padded to the largest problem's;
+- the LoRA layers multiply every problem's rows by its adapter in two batched products over the stacked adapters
+  (BatchedRowsLoRA; in the learner too), rows padded to the largest problem's;
 - the draw is fast/decode.py's blocked search.
 tests/test_together.py proves each equal to the plain path: the learner's log-probs, losses and adapter gradients,
 and the sampler's tokens and log-probs.
@@ -34,6 +35,7 @@ from fast.decode import sample_blocked
 from fast.shared_prompt import PromptRecorder, _layer_checkpoint, microbatches, target_logprobs
 from grpo import LEARNER_DTYPES
 from model import Cache
+from sampling import left_padded
 from together import RowsLoRA, Together, TogetherStep
 
 
@@ -61,7 +63,7 @@ class BatchedRowsLoRA(RowsLoRA):
     @ B^T (R, r, C_out) * scale. With no graph (sampling) the stacked adapters are kept while no adapter changes
     (their tensors' versions), so a sampling call stacks them once; under autograd they are stacked in the graph
     each pass, so each problem's gradient flows back to its own A and B."""
-    _stack = None  # (key, A (R, r, C), B (R, C_out, r), scale (R, 1, 1))
+    _stack = None  # ((the adapters' tensors, their versions), A (R, r, C), B (R, C_out, r), scale (R, 1, 1))
 
     def forward(self, x):
         runs = self.rows.runs
@@ -89,8 +91,12 @@ class BatchedRowsLoRA(RowsLoRA):
         if torch.is_grad_enabled():
             return (torch.stack([lo.lora_A.weight for lo in loras]), torch.stack([lo.lora_B.weight for lo in loras]),
                     torch.tensor([lo.scale for lo in loras], device=device)[:, None, None])
-        key = tuple((id(lo), lo.lora_A.weight._version, lo.lora_B.weight._version) for lo in loras)
-        if self._stack is None or self._stack[0] != key:
+        # The same tensors (not only the same ids: a finished problem's memory may be reused) at the same versions
+        weights = [w for lo in loras for w in (lo.lora_A.weight, lo.lora_B.weight)]
+        key = (weights, [w._version for w in weights])
+        old = self._stack
+        if old is None or old[0][1] != key[1] or len(old[0][0]) != len(weights) or \
+                any(a is not b for a, b in zip(old[0][0], weights)):
             self._stack = (key, torch.stack([lo.lora_A.weight for lo in loras]),
                            torch.stack([lo.lora_B.weight for lo in loras]),
                            torch.tensor([lo.scale for lo in loras], device=device)[:, None, None])
@@ -156,15 +162,12 @@ class FastTogether(Together):
         Tp = max(len(p) for p in prompts)
         pad = torch.tensor([Tp - len(p) for p in prompts], device=dev)  # (K,)
         x = torch.tensor([[0] * (Tp - len(p)) + list(p) for p in prompts], device=dev)  # (K, Tp)
-        s = torch.arange(Tp, device=dev)
-        real = s[None] >= pad[:, None]  # (K, Tp)
-        mask = None if not pad.any() else (
-            ((s[:, None] >= s[None, :]) & real[:, None, :] | torch.eye(Tp, dtype=torch.bool, device=dev))[:, None])
+        real, positions, allowed = left_padded(pad, Tp)  # (K, Tp), (K, Tp), (K, Tp, Tp)
         rec = PromptRecorder()
         self.rows.set(slots)
         with torch.set_grad_enabled(train):
-            h_last = model.hidden_states(x, positions=(s[None] - pad[:, None]).clamp(min=0), cache=rec,
-                                         attn_mask=mask, layer_call=layer_call)[:, -1:]  # (K, 1, C)
+            h_last = model.hidden_states(x, positions=positions, cache=rec, attn_mask=allowed[:, None] if pad.any()
+                                         else None, layer_call=layer_call)[:, -1:]  # (K, 1, C)
         layers = sorted(rec.k)
         return [h_last] + [rec.k[i] for i in layers] + [rec.v[i] for i in layers], (Tp, real, pad)
 
@@ -245,16 +248,13 @@ class FastTogetherStep(TogetherStep):
         U, L, dev = len(rows), max(len(p) for p in rows), cache.k.device
         pad = torch.tensor([L - len(p) for p in rows], device=dev)
         ids = torch.tensor([[0] * (L - len(p)) + list(p) for p in rows], device=dev)  # (U, L)
-        s = torch.arange(L, device=dev)
-        real = s[None] >= pad[:, None]  # (U, L)
+        real, positions, allowed = left_padded(pad, L)  # (U, L), (U, L), (U, L, L)
         cache.rows, cache.length = U, 0
         cache.bias[:U].fill_(float("-inf"))
         cache.bias[:U, :L].masked_fill_(real, 0.0)
-        allowed = (s[:, None] >= s[None, :]) & real[:, None, :] | torch.eye(L, dtype=torch.bool, device=dev)
         mask = torch.zeros(allowed.shape, dtype=cache.k.dtype, device=dev).masked_fill_(~allowed, float("-inf"))
         cache.tags.set([self.prompt_slots[i] for i in first])
-        self.model.hidden_states(ids, positions=(s[None] - pad[:, None]).clamp(min=0), cache=cache,
-                                 attn_mask=mask[:, None])
+        self.model.hidden_states(ids, positions=positions, cache=cache, attn_mask=mask[:, None])
         cache.length = L
         cache.select_rows(of.to(dev))  # every prompt's row gets its problem's prefix (and its tag)
 

@@ -382,10 +382,13 @@ def bench_together(args):
     running problem's). Semantle's problems are words outside the paper's ten."""
     import subprocess
     import tempfile
+    from problem import folder_name
     from tasks.semantle import TUNING_TARGETS
-    ids = (TUNING_TARGETS + ["mountain", "pencil", "castle", "bridge", "forest", "candle", "winter", "letter"])
+    ids = args.task_ids.split(",") if args.task_ids else \
+        (TUNING_TARGETS + ["mountain", "pencil", "castle", "bridge", "forest", "candle", "winter", "letter"])
     ids = ids[:args.problems]
-    out = {"machine": machine(), "task": args.task, "problems": len(ids), "budget": args.budget, "results": []}
+    out = {"machine": machine(), "task": args.task, "task_ids": ids, "problems": len(ids), "budget": args.budget,
+           "results": []}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for k in args.together:
         with tempfile.TemporaryDirectory() as folder:
@@ -402,7 +405,7 @@ def bench_together(args):
                 sys.exit(2)
             steps = []
             for tid in ids:
-                with open(os.path.join(folder, tid, "metrics.jsonl")) as f:
+                with open(os.path.join(folder, folder_name(tid), "metrics.jsonl")) as f:
                     steps += [json.loads(line) for line in f]
         phases = {key: round(statistics.median(m[key] for m in steps), 3)
                   for key in ("seconds", "sample_seconds", "reward_seconds", "train_seconds")}
@@ -574,6 +577,8 @@ def main():
                          "of joint steps")
     ap.add_argument("--problems", type=int, default=16, help="together: how many problems (at most 18)")
     ap.add_argument("--task", default="semantle", help="together: the task (semantle; toy for a quick check)")
+    ap.add_argument("--task-ids", default=None,
+                    help="together: the problems, separated by commas (default: Semantle words outside the paper's ten)")
     ap.add_argument("--kl-coefs", type=float, nargs="+", default=[0.0, 0.1], help="KL coefficients to run (step)")
     ap.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
                     help="step: run.py --dtype of each run (bfloat16: opt-in, changes numerics; its KL to float32 is printed)")

@@ -3,6 +3,7 @@ nothing was lost, duplicated, scored twice or left running (the resume promise o
 
     python -m scripts.kill_trials --trials 10 --task toy     # tiny model, toy task
     python -m scripts.kill_trials --trials 10 --task arc     # tiny model, ARC 66e6c45b: real sandboxed programs
+    python -m scripts.kill_trials --trials 10 --task toy-together   # three toy problems, --together 2
 
 One trial: write a task file that wraps the real task so that every reward call appends one JSON line per
 candidate (key, pid, time) to a log, flushed and fsynced before it returns; start `run.py` in its own
@@ -47,7 +48,8 @@ class Logged(Base):
     def reward(self, candidates):
         scores = Base.reward(self, candidates)
         # Each record *starts* with a newline: a record torn by a kill stays alone on its line.
-        data = "".join("\\n" + json.dumps({{"key": c, "pid": os.getpid(), "t": time.time()}}) for c in candidates)
+        data = "".join("\\n" + json.dumps({{"key": c, "id": self.task_id, "pid": os.getpid(), "t": time.time()}})
+                       for c in candidates)
         fd = os.open(os.environ["{env}"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             view = data.encode()
@@ -69,6 +71,10 @@ SETTINGS = {
                 args=["--model", "tiny", "--task-id", "66e6c45b", "--budget", "6", "--alpha", "2", "--beta", "1",
                       "--gamma", "1", "--max-new-tokens", "8"]),
 }
+# Problems served together (run.py --task-ids ... --together 2): three toy problems, two at a time over one model; a
+# kill hits all of them at once, and the same command resumes each where it stopped.
+SETTINGS["toy-together"] = dict(SETTINGS["toy"], ids=("cat", "dog", "cow"),
+                                 args=["--model", "tiny", "--budget", "12", "--together", "2"])
 KILLS = ("after-checkpoint", "mid-step", "after-reward", "random")
 ARC_KILLS = KILLS + ("in-sandbox",)  # only ARC has children worth catching alive
 POLL_S = 0.01
@@ -161,6 +167,9 @@ class Watch:
 
 
 def ckpt_id(folder):
+    """Changes with every checkpoint written in `folder` (or in any of a list of folders)."""
+    if isinstance(folder, (list, tuple)):
+        return tuple(ckpt_id(f) for f in folder)
     try:
         st = os.stat(os.path.join(folder, "checkpoint.pt"))
         return st.st_ino, st.st_mtime_ns  # os.replace gives a new inode every step
@@ -332,8 +341,9 @@ def prepare(task: str, work: str, seed: int = 0) -> Setup:
     # TMPDIR: sandbox work folders land here, so litter is countable. One thread: the tiny model gains nothing
     # from more, and trials run side by side on a small machine.
     env = dict(os.environ, **{LOG_ENV: log, "TMPDIR": tmp, "OMP_NUM_THREADS": "1"})
+    ids = ["--task-ids", ",".join(s["ids"])] if "ids" in s else []
     return Setup(work, task_file, folder, log, tmp, env,
-                 ["--task", task_file, "--seed", str(seed), *s["args"], "--out", folder])
+                 ["--task", task_file, "--seed", str(seed), *ids, *s["args"], "--out", folder])
 
 
 def run_trial(task: str, index: int, base: str, seed: int = 0) -> Trial:
@@ -342,14 +352,17 @@ def run_trial(task: str, index: int, base: str, seed: int = 0) -> Trial:
     t0 = time.monotonic()
     su = prepare(task, os.path.join(base, f"{task}-{index}"), seed=index)
     work, folder, log, tmp, env, fresh = su.work, su.folder, su.log, su.tmp, su.env, su.fresh
+    ids = SETTINGS[task].get("ids")  # problems served together: each in its folder under the command's
+    folders = {i: os.path.join(folder, i) for i in ids} if ids else {None: folder}
     watch = Watch()
-    snapshots = []  # per kill: (rows committed at the kill, log lines at the kill)
+    snapshots = []  # per kill and problem: {id: (rows committed at the kill, its log lines at the kill)}
     modes = ARC_KILLS if task == "arc" else KILLS
     n_kills = rng.choice([1, 1, 1, 2, 3])  # each kill costs a start-up (~5 s here)
     proc = None
     try:
         for _ in range(n_kills + 1):
-            argv = ["--resume", folder] if os.path.exists(os.path.join(folder, "config.json")) else fresh
+            # (served together, the same command resumes every problem)
+            argv = ["--resume", folder] if os.path.exists(os.path.join(folder, "config.json")) and not ids else fresh
             err_path = os.path.join(work, f"stderr-{len(t.kills)}.txt")
             proc = launch(argv, env, watch, err_path)
             if len(t.kills) == n_kills:
@@ -357,7 +370,7 @@ def run_trial(task: str, index: int, base: str, seed: int = 0) -> Trial:
                     t.failures.append(f"final run exited {proc.returncode}: {_tail(err_path)}")
                 break
             mode = rng.choice(modes)
-            killed = wait_and_kill(proc, folder, log, mode, rng, SETTINGS[task]["step_s"], watch)
+            killed = wait_and_kill(proc, list(folders.values()), log, mode, rng, SETTINGS[task]["step_s"], watch)
             if killed is None:
                 if proc.returncode != 0:
                     t.failures.append(f"run exited {proc.returncode} before the kill ({mode}): {_tail(err_path)}")
@@ -366,20 +379,25 @@ def run_trial(task: str, index: int, base: str, seed: int = 0) -> Trial:
             left = watch.wait_clean()
             if left:
                 t.failures.append(f"alive after kill '{mode}': {', '.join(left[:3])}")
-            t.failures += [f"after kill '{mode}': {e}" for e in check_torn_files(folder)]
-            if os.path.isdir(os.path.join(folder, "adapter")) and os.path.isdir(os.path.join(folder, "adapter.old")):
-                t.notes.append("kill left adapter/ and adapter.old/")
-            t.kills.append((mode, _ckpt_step(folder)))
-            snapshots.append((db_rows(folder), len(read_log(log))))
+            entries = read_log(log)
+            snapshots.append({})
+            for i, f in folders.items():
+                t.failures += [f"after kill '{mode}': {e}" for e in check_torn_files(f)]
+                if os.path.isdir(os.path.join(f, "adapter")) and os.path.isdir(os.path.join(f, "adapter.old")):
+                    t.notes.append("kill left adapter/ and adapter.old/")
+                snapshots[-1][i] = (db_rows(f), sum(i is None or e.get("id") == i for e in entries))
+            t.kills.append((mode, max(_ckpt_step(f) for f in folders.values())))
     except subprocess.TimeoutExpired:
         t.failures.append(f"no end within {RUN_TIMEOUT_S} s")
     finally:
         if proc is not None and proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    t.failures += final_checks(t, folder, log, snapshots, watch)
+    for i, f in folders.items():
+        t.failures += [(f"{i}: " if i else "") + e for e in final_checks(t, f, log, [s[i] for s in snapshots],
+                                                                       watch, problem=i)]
     t.seconds = time.monotonic() - t0
-    litter = [n for n in os.listdir(folder) if n.startswith(".adapter.")] if os.path.isdir(folder) else []
+    litter = [n for f in folders.values() if os.path.isdir(f) for n in os.listdir(f) if n.startswith(".adapter.")]
     litter += [n for n in os.listdir(tmp) if n.startswith("migrate-sbx-")]
     if litter:
         t.notes.append(f"litter left by kills: {len(litter)} temporary folder(s)")
@@ -399,7 +417,8 @@ def _ckpt_step(folder):
         return 0
 
 
-def final_checks(t: Trial, folder, log, snapshots, watch) -> list[str]:
+def final_checks(t: Trial, folder, log, snapshots, watch, problem=None) -> list[str]:
+    """`problem`: served together, the problem of this folder (its lines of the shared reward log)."""
     errs = []
     left = watch.wait_clean()
     if left:
@@ -420,7 +439,8 @@ def final_checks(t: Trial, folder, log, snapshots, watch) -> list[str]:
     nonfinite = conn.execute(  # SQLite keeps inf as a REAL, NaN only as NULL (which NOT NULL refuses)
         "SELECT COUNT(*) FROM candidates WHERE NOT (reward BETWEEN -1e308 AND 1e308)").fetchone()[0]
     conn.close()
-    t.stop_reason, t.steps, t.calls, t.budget = summary["stop_reason"], summary["steps"], calls, cfg["budget"]
+    t.stop_reason = summary["stop_reason"]
+    t.steps, t.calls, t.budget = t.steps + summary["steps"], t.calls + calls, t.budget + cfg["budget"]
     if summary["oracle_calls"] != calls:
         errs.append(f"summary says {summary['oracle_calls']} oracle calls, the database holds {calls}")
     if nonfinite:
@@ -440,7 +460,7 @@ def final_checks(t: Trial, folder, log, snapshots, watch) -> list[str]:
     elif t.stop_reason not in ("budget", "solved", "stalled"):
         errs.append(f"unknown stop reason {t.stop_reason!r}")
     # The oracle log against the database and the kills.
-    entries = read_log(log)
+    entries = [e for e in read_log(log) if problem is None or e.get("id") == problem]
     logged = {e["key"] for e in entries}
     unlogged = [k for k, (_, oracle, _) in rows.items() if oracle and k not in logged]
     if unlogged:

@@ -1,5 +1,5 @@
-"""Kill and resume: scripts/kill_trials.py SIGKILLs run.py at seeded random moments and resumes it (toy
-and ARC, 10 trials each); a trial fails on any lost, changed or re-scored candidate, torn file or surviving
+"""Kill and resume: scripts/kill_trials.py SIGKILLs run.py at seeded random moments and resumes it (toy, ARC,
+and three toy problems served together, 10 trials each); a trial fails on any lost, changed or re-scored candidate, torn file or surviving
 process. Real processes, real tasks, real sandbox.
 """
 import json
@@ -31,7 +31,7 @@ def run_cli(*args, timeout=300):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task", ["toy", "arc"])
+@pytest.mark.parametrize("task", ["toy", "arc", "toy-together"])  # toy-together: three problems, --together 2
 def test_kill_and_resume_trials(task, tmp_path):
     trials = kill_trials.run_trials(task, trials=10, seed=0, base=str(tmp_path))
     failed = [t.line() for t in trials if t.failures]

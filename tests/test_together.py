@@ -90,18 +90,21 @@ def test_sampled_together_each_problem_draws_what_it_draws_alone(tiny, fast):
     assert [o.ids for o in alone[0]] != [o.ids for o in alone[1]][:len(alone[0])]
 
 
-def test_smollm2_sampled_together_draws_what_it_draws_alone():
+@pytest.mark.parametrize("fast", [False, True])
+def test_smollm2_sampled_together_draws_what_it_draws_alone(fast):
     # Together, a prompt is left-padded to the batch's longest, and the products run over more rows: the logits
     # differ from alone's by float rounding (~1e-5 of SmolLM2's), which can move a tail token's boundary in the
     # cumulative sum past a uniform and change one draw at temperature 1. So: greedy decoding gives the same
-    # tokens, and each sampled token's log-probability is what the problem's own model gives it, to 1e-4.
+    # tokens, and each sampled token's log-probability is what the problem's own model gives it, to 1e-4. fast:
+    # fast/together.py's step (problem 1's two prompts share the chat template's prefix, prefilled once).
     base, tok = load_model(default_model_path())
     models = problems(base, [0, 1], r=8, alpha=16)
     chat = lambda text: tok.encode(tok.apply_chat_template([{"role": "user", "content": text}]))
     prompts = [[chat("Name a colour.")], [chat("Name an animal."), chat("Name a city in France, and say why.")]]
-    alone, together = sample_both(base, tok, models, prompts, [[1], [1, 1]], 24, stop_ids=None, temperature=0)
+    alone, together = sample_both(base, tok, models, prompts, [[1], [1, 1]], 24, stop_ids=None, temperature=0,
+                                  fast=fast)
     assert [[o.ids for o in a] for a in alone] == [[o.ids for o in t] for t in together]
-    _, together = sample_both(base, tok, models, prompts, [[4], [2, 2]], 24, stop_ids=None)
+    _, together = sample_both(base, tok, models, prompts, [[4], [2, 2]], 24, stop_ids=None, fast=fast)
     for m, t in zip(models, together):
         for o in t:
             with torch.no_grad():

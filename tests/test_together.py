@@ -121,6 +121,19 @@ def grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n and p.grad is not None}
 
 
+def ready(together, base, seeds, cfgs, prompts, groups, slots=None):
+    """Fresh problem models for `seeds` put in `slots` (default 0, 1, ...) of `together`, their learners, and their
+    groups prepared, the models in training mode: what one epoch's pass needs."""
+    models = problems(base, seeds)
+    for k, m in zip(slots or range(len(models)), models):
+        together.put(k, m)
+    learners = [Learner(m, c) for m, c in zip(models, cfgs)]
+    prepared = [l.prepare(p, g) for l, p, g in zip(learners, prompts, groups)]
+    for m in models:
+        m.train()
+    return models, learners, prepared
+
+
 def test_learning_together_gives_each_problem_its_loss_and_gradient_alone(tiny):
     base, tok = tiny
     cfgs = [GRPOConfig(lr=1e-2, mu=2), GRPOConfig(lr=1e-2, mu=2, kl_coef=0.1)]  # the second pulled to the base
@@ -140,14 +153,8 @@ def test_learning_together_gives_each_problem_its_loss_and_gradient_alone(tiny):
     want_stats = [learner.step(p, g) for learner, p, g in zip(learners, prompts, groups)]
     want_after = [{n: p.detach().clone() for n, p in l.model.named_parameters() if "lora_" in n} for l in learners]
     # Together: the same problems' fresh models in slots 0 and 1.
-    models = problems(base, [3, 4])
     together = Together(base, 2, TARGETS)
-    for k, m in enumerate(models):
-        together.put(k, m)
-    learners = [Learner(m, c) for m, c in zip(models, cfgs)]
-    prepared = [l.prepare(p, g) for l, p, g in zip(learners, prompts, groups)]
-    for m in models:
-        m.train()
+    models, _, prepared = ready(together, base, [3, 4], cfgs, prompts, groups)
     logps = together.logprobs([0, 1], prompts, [g.ids for g in prepared])
     losses = [g.loss_fn(lp, **g.epoch_rows()) for g, lp in zip(prepared, logps)]
     torch.stack(losses).sum().backward()
@@ -337,16 +344,8 @@ def test_fast_together_pass_gives_each_problem_the_plain_pass_log_probs_loss_and
     for together in (Together(base, 3, TARGETS),
                      FastTogether(base, 3, TARGETS, tokens_per_microbatch=tokens,
                                   activation_checkpointing=checkpointing)):
-        models = problems(base, [3, 4, 5])
-        for k, m in enumerate(models):
-            together.put(k, m)
-        learners = [Learner(m, c) for m, c in zip(models, cfgs)]
-        prepared = [l.prepare(p, g) for l, p, g in zip(learners, prompts, groups)]
-        for m in models:
-            m.train()
         slots = [2, 0, 1]  # slots need not follow the problems' order
-        for k, m in enumerate(models):
-            together.put(slots[k], m)
+        models, _, prepared = ready(together, base, [3, 4, 5], cfgs, prompts, groups, slots)
         done = together.backward(slots, prompts, prepared)
         got.append((done, [grads(m) for m in models], prepared))
     (plain, plain_grads, prepared), (fast, fast_grads, _) = got

@@ -32,7 +32,7 @@ import torch
 from fast.cascade import common_prefix
 from fast.cpu_linear import frozen_products
 from fast.decode import sample_blocked
-from fast.shared_prompt import PromptRecorder, _layer_checkpoint, microbatches, target_logprobs
+from fast.shared_prompt import PromptRecorder, _cut, _layer_checkpoint, microbatches, target_logprobs
 from grpo import LEARNER_DTYPES
 from model import Cache
 from sampling import left_padded
@@ -50,11 +50,6 @@ class RowsPrefix(Cache):
         pk = self.k[layer].index_select(0, self.prompt_of)  # (rows, H_kv, Tp, D)
         pv = self.v[layer].index_select(0, self.prompt_of)
         return torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
-
-
-def _cut(t, rows, width):
-    """A problem's per-row tensor for some of its rows: (N,) -> (rows,), (N, T) -> (rows, width); None stays None."""
-    return None if t is None else t[rows] if t.dim() == 1 else t[rows, :width]
 
 
 class BatchedRowsLoRA(RowsLoRA):
